@@ -1,0 +1,88 @@
+"""The small interface every engine implements.
+
+A batch of requests (chat messages + sampling parameters, n and seed included)
+goes in; for each request, n completions (text, generated token count, finish
+reason) and the prompt's token count come out. The propose-and-aggregate loop
+sees only this, never torch or an HTTP client.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    n: int = 1
+    temperature: float = 0.7  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    max_tokens: int = 512
+    stop: tuple[str, ...] = ()
+    seed: int | None = None  # the request's seed; sample j uses derive_seed(seed, j)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["stop"] = list(self.stop)
+        return d
+
+
+@dataclass
+class Request:
+    messages: list[dict]
+    params: SamplingParams
+
+
+@dataclass
+class Completion:
+    text: str
+    tokens: int
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+
+
+@dataclass
+class Result:
+    completions: list[Completion]
+    prompt_tokens: int = 0
+    seeds: list[int | None] = field(default_factory=list)
+
+
+class Engine:
+    """Base class: subclasses implement `generate`; the rest is optional."""
+
+    name: str = "engine"
+    model: str = ""
+    context_window: int | None = None  # tokens, when known
+
+    def generate(self, requests: list[Request]) -> list[Result]:
+        raise NotImplementedError  # abstract: each engine implements it
+
+    def count_tokens(self, messages: list[dict]) -> int | None:
+        """Prompt tokens of `messages` as this engine would render them; None if unknown."""
+        return None
+
+    def describe(self) -> dict:
+        return {"engine": self.name, "model": self.model, "context_window": self.context_window}
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def derive_seed(*parts) -> int:
+    """A stable 31-bit seed from any parts (ints, strings). Independent of PYTHONHASHSEED."""
+    h = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & 0x7FFFFFFF
+
+
+def sample_seeds(params: SamplingParams) -> list[int | None]:
+    """The seed of each of the n samples of one request."""
+    if params.seed is None:
+        return [None] * params.n
+    return [derive_seed(params.seed, j) for j in range(params.n)]
