@@ -1,0 +1,59 @@
+"""`aft infer`: propose-and-aggregate over a JSONL file (see aft.infer)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from .. import config as cfglib
+from ..infer import InferConfig, dry_run, load_config, read_queries, run_infer, SAMPLE_QUESTIONS
+from . import flags_given, progress_bar
+
+SHOW_ANSWERS = 20  # print the answers themselves for runs up to this size
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("infer", help="propose-and-aggregate inference over a JSONL file of queries",
+                       description="Propose-and-aggregate: K proposals, L aggregation layers, one final answer per "
+                                   "query. Flags override --config; the official AFT config keys and flags "
+                                   "(--config --input_file --output_file --batch_size) are accepted.")
+    p.add_argument("--config", "-c", help="YAML config (official AFT keys accepted)")
+    p.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
+                   help="print the exact messages each layer would send (no model is loaded)")
+    cfglib.add_arguments(p, InferConfig)
+    p.set_defaults(handler=main)
+
+
+def main(args) -> int:
+    flags = flags_given(args, exclude=("command", "handler", "verbose", "quiet", "config", "dry_run"))
+    cfg = load_config(args.config, flags)
+    if args.dry_run:
+        print(json.dumps(dry_run(cfg), indent=2, ensure_ascii=False))
+        return 0
+    total = len(read_queries(cfg.input_file or SAMPLE_QUESTIONS))
+    with progress_bar(total, "propose-and-aggregate") as bar:
+        def progress(done, tokens):
+            bar.update(done - bar.n)
+            elapsed = bar.format_dict["elapsed"] or 1e-9
+            bar.set_postfix_str(f"{tokens / elapsed:.0f} tok/s")
+
+        summary = run_infer(cfg, progress)
+    if summary.results and len(summary.results) <= SHOW_ANSWERS:
+        for row in summary.results:
+            question = row_question(row)
+            answer = row.get("response") if "error" not in row else f"ERROR: {row['error']}"
+            print(f"[{row['id']}] {question}\n  -> {answer.strip()}\n")
+    rate = summary.generated_tokens / summary.seconds if summary.seconds else 0.0
+    print(f"{summary.done} queries done, {summary.skipped} already done, {summary.errors} failed; "
+          f"{summary.generated_tokens} tokens generated in {summary.seconds:.1f}s ({rate:.0f} tok/s)")
+    print(f"answers and full traces: {summary.output_file}")
+    if summary.errors:
+        print(f"{summary.errors} queries failed: see their 'error' field", file=sys.stderr)
+    return 0
+
+
+def row_question(row: dict) -> str:
+    for key in ("query", "messages"):
+        if isinstance(row.get(key), list) and row[key]:
+            return str(row[key][-1].get("content", ""))[:200]
+    return str(row.get("prompt") or row.get("instruction") or "")[:200]
