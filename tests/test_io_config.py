@@ -89,3 +89,11 @@ def test_defaults_are_the_official_ones():
     assert (gp["n"], gp["temperature"], gp["top_p"], gp["max_tokens"]) == (cfg.n, cfg.temperature, cfg.top_p,
                                                                           cfg.max_tokens)
     assert official["vllm_seed"] == cfg.seed and official["num_aggregation"] == cfg.num_aggregation
+
+
+def test_shipped_configs_load():
+    root = __import__("pathlib").Path(__file__).parents[1] / "configs"
+    official = load_config(str(root / "official_default.yaml"), {})
+    assert (official.model, official.n, official.num_aggregation) == ("linzw/Llama-AFT-On-Policy", 5, 2)
+    quick = load_config(str(root / "quickstart.yaml"), {})
+    assert (quick.model, quick.n, quick.num_aggregation, quick.max_tokens) == ("smollm2-135m", 4, 1, 128)

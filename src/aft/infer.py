@@ -143,7 +143,10 @@ class Summary:
 
 
 def run_infer(cfg: InferConfig, progress=None) -> Summary:
-    """Run P&A over cfg.input_file, appending to the output. `progress(n_done, tokens)` after each chunk."""
+    """Run P&A over cfg.input_file, appending to the output.
+
+    `progress(n_done, tokens, stage)` is called after every layer of every chunk.
+    """
     pa = cfg.pa()
     input_file = cfg.input_file or SAMPLE_QUESTIONS
     items = read_queries(input_file)  # all input checked before any model is loaded
@@ -162,20 +165,26 @@ def run_infer(cfg: InferConfig, progress=None) -> Summary:
         write_json(meta_path, {"config": cfglib.to_dict(cfg), "engine": engine.describe(),
                                "layers": [dataclasses.asdict(layer) for layer in plan(pa)]})
         t0 = time.perf_counter()
+        last_layer = plan(pa)[-1].index
+
+        def on_layer(layer, seconds, tokens):
+            summary.generated_tokens += tokens
+            if progress:
+                progress(summary.done, summary.generated_tokens, f"layer {layer.index}/{last_layer}")
+
         try:
             for start in range(0, len(todo), cfg.batch_size):
                 chunk = todo[start:start + cfg.batch_size]
-                records = propose_and_aggregate(engine, [(it.id, it.query) for it in chunk], pa)
+                records = propose_and_aggregate(engine, [(it.id, it.query) for it in chunk], pa, on_layer)
                 for it, rec in zip(chunk, records):
                     row = {**it.record, **rec}
                     out.write(row)
                     summary.results.append(row)
                     summary.errors += "error" in rec
-                    summary.generated_tokens += sum(o["tokens"] for layer in rec["trace"] for o in layer["outputs"])
                 summary.done += len(chunk)
                 summary.seconds = time.perf_counter() - t0
                 if progress:
-                    progress(summary.done, summary.generated_tokens)
+                    progress(summary.done, summary.generated_tokens, "")
         finally:
             engine.close()
     return summary

@@ -32,10 +32,10 @@ def main(args) -> int:
         return 0
     total = len(read_queries(cfg.input_file or SAMPLE_QUESTIONS))
     with progress_bar(total, "propose-and-aggregate") as bar:
-        def progress(done, tokens):
+        def progress(done, tokens, stage):
             bar.update(done - bar.n)
             elapsed = bar.format_dict["elapsed"] or 1e-9
-            bar.set_postfix_str(f"{tokens / elapsed:.0f} tok/s")
+            bar.set_postfix_str(f"{stage + ', ' if stage else ''}{tokens / elapsed:.0f} tok/s")
 
         summary = run_infer(cfg, progress)
     if summary.results and len(summary.results) <= SHOW_ANSWERS:
