@@ -1,0 +1,577 @@
+"""`aft data build`: turn preference data or plain prompts into an AFT training set.
+
+Per prompt: K proposals (off-policy from the dataset, or on-policy: M >= K
+samples from the model to be trained, top K kept by a scorer), then a target
+(teacher aggregation, best proposal, or reference), then one row in each of
+
+    <out>/aft.jsonl          prompt = aggregator_messages(query, proposals)  -> target
+    <out>/sft.jsonl          prompt = proposer_messages(query)               -> same target
+    <out>/aft_noprop.jsonl   (--no_proposals) the "no proposals" ablation: query -> the
+                             aggregation; same rows as sft.jsonl, marked as the ablation
+
+all TRL conversational prompt-completion rows ({"id", "prompt", "completion", "meta"}).
+Around that: the whole input is read and checked first (bad rows skipped or the
+run stopped, --on_error), finished rows are appended at once (a crash loses the
+chunk in flight; a rerun skips done ids, refusing a different config), --shard
+i/n writes <out>/shards/i-of-n/ and `aft data merge` concatenates the shards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .. import config as cfglib
+from ..engines.base import Engine, Request, SamplingParams, derive_seed
+from ..errors import AftError
+from ..io import JsonlAppender, read_jsonl, write_json
+from ..prompts import STYLES, PromptStyle, proposer_messages
+from . import card as cardlib
+from .onpolicy import clean_proposal, load_demonstrations, load_model_engine, proposal_messages
+from .scorers import SCORERS, JudgeScorer, RewardModelScorer, Scorer, VerifierScorer
+from .sources import SCHEMAS, SELECT, Item, Proposal, RowError, read_items, select, shard_slice
+from .targets import TARGETS, best_index, teacher_requests, training_prompt
+
+log = logging.getLogger(__name__)
+
+opt = cfglib.opt
+
+
+@dataclass
+class DataConfig:
+    out: str = opt("runs/data", "output folder (aft.jsonl, sft.jsonl, data card, config.json)", flags=("-o",))
+    # --- prompts and off-policy proposals
+    input_file: str | None = opt(None, "preference or prompts file (.jsonl, .parquet) or a hub dataset name",
+                                 flags=("-i",))
+    schema: str = opt("auto", "input schema (auto: detected per row)", choices=SCHEMAS)
+    score_field: str = opt("auto", "score of a response: ultrafeedback overall_score (auto) or fine_grained "
+                           "(mean of the aspect ratings); generic: the scores field name")
+    hub_split: str = opt("train", "split of a hub dataset")
+    task: str | None = opt(None, "reasoning-gym task (or preset: arith1, products1, arith2, chain_sum2, "
+                           "gsm_symbolic) as the prompt source, with reference answers")
+    task_config: dict = opt({}, "reasoning-gym task config (YAML only)", cli=False)
+    n_prompts: int | None = opt(None, "prompts to use (reasoning-gym: how many; a file: its first N rows)",
+                                flags=("-n",))
+    split: str = opt("train", "reasoning-gym split: train or eval (disjoint by question text)",
+                     choices=("train", "eval"))
+    eval_size: int = opt(100, "reasoning-gym: questions reserved for evaluation (the eval stage uses the same)")
+    pool_size: int = opt(1000, "reasoning-gym: entries drawn to find distinct questions")
+    split_seed: int = opt(0, "reasoning-gym: seed of the pool and of the train/eval split")
+    # --- proposals
+    proposals: str = opt("auto", "off_policy: the dataset's responses; on_policy: sampled from --model; "
+                         "auto: off_policy when rows carry responses", choices=("auto", "off_policy", "on_policy"))
+    k: int = opt(4, "proposals per prompt (K)", flags=("-k",))
+    m: int = opt(8, "on-policy candidates sampled per prompt (M >= K)")
+    select: str = opt("top", "which K: top by score, random (seeded) or all", choices=SELECT)
+    model: str = opt("smollm2-135m", "the model to be trained (samples on-policy proposals)", flags=("-m",))
+    engine: str = opt("auto", "engine of --model", choices=("auto", "hf", "openai", "vllm"))
+    proposal_prompt: str = opt("auto", "on-policy prompt: chat (the model's template), demonstrations "
+                               "(in-context, for base models), auto (demonstrations iff no chat template)",
+                               choices=("auto", "chat", "demonstrations"))
+    demonstrations_file: str | None = opt(None, "JSONL of {query, response} (default: the bundled set)")
+    temperature: float = opt(1.0, "on-policy sampling temperature")
+    top_p: float = opt(0.95, "on-policy top-p")
+    top_k: int = opt(50, "on-policy top-k (0 = off)")
+    max_tokens: int = opt(512, "on-policy max new tokens per proposal")
+    stop: list = opt([], "on-policy stop strings")
+    # --- scorer
+    scorer: str = opt("auto", "scores proposals (top-K) and targets (report); auto: verifier when prompts "
+                      "have reference answers, else none", choices=("auto",) + SCORERS)
+    reward_model: str | None = opt(None, "reward model (transformers sequence classifier) for scorer reward_model")
+    judge_model: str | None = opt(None, "judge model (any --model value) for scorer judge")
+    judge_engine: str = opt("auto", "engine of the judge", choices=("auto", "hf", "openai", "vllm"))
+    judge_max_tokens: int = opt(256, "judge: max new tokens")
+    # --- target
+    target: str = opt("teacher", "teacher aggregation, best proposal, or reference (pseudo-aggregation)",
+                      choices=TARGETS)
+    teacher: str | None = opt(None, "teacher model (any --model value; e.g. http://host:8000/v1#Llama-70B)")
+    teacher_engine: str = opt("auto", "engine of the teacher", choices=("auto", "hf", "openai", "vllm"))
+    teacher_temperature: float = opt(0.0, "teacher temperature (0 = greedy)")
+    teacher_top_p: float = opt(1.0, "teacher top-p")
+    teacher_max_tokens: int = opt(1024, "teacher max new tokens")
+    min_target_score: float | None = opt(None, "drop rows whose target scores below this (e.g. 1 with the verifier: "
+                                         "keep only verified-correct targets; counted in skipped.jsonl)")
+    no_proposals: bool = opt(False, "also write aft_noprop.jsonl (the no-proposals ablation: query -> aggregation)")
+    # --- prompts, seeds, run
+    style: str = opt("aft", "prompt style (aft = the released checkpoints' prompts)", choices=STYLES)
+    template_file: str | None = opt(None, "a file with your own aggregator preamble (overrides style)")
+    seed: int = opt(2024, "seed; every prompt derives its own from it and its id")
+    batch_size: int = opt(8, "prompts per engine call")
+    shard: str = opt("0/1", "i/n: build the i-th of n contiguous parts (into <out>/shards/i-of-n)")
+    on_error: str = opt("skip", "a bad input row: skip it (counted in the data card) or stop", choices=("skip", "stop"))
+    dtype: str = opt("auto", "hf engines: auto, float32, bfloat16, float16")
+    device: str = opt("auto", "hf engines: auto, cpu, cuda ...")
+    max_concurrency: int = opt(8, "openai engines: requests in flight")
+    api_key: str | None = opt(None, "openai engines: API key (default: $OPENAI_API_KEY)", cli=False)
+    tensor_parallel_size: int = opt(1, "vllm engines: GPUs per replica")
+    context_window: int | None = opt(None, "override the engines' context window (tokens)")
+
+    def prompt_style(self) -> PromptStyle:
+        return PromptStyle.get(self.style, self.template_file)
+
+
+# Keys that do not change what a row contains: a resumed run or a shard may differ in them.
+RUN_KEYS = ("out", "batch_size", "shard", "on_error", "dtype", "device", "max_concurrency", "api_key",
+            "tensor_parallel_size")
+
+
+# Keys added after the first release: hashed only when set, so older outputs stay resumable.
+HASH_IF_SET = ("min_target_score",)
+
+
+def config_hash(cfg: DataConfig) -> str:
+    d = cfglib.to_dict(cfg)
+    return cfglib.fingerprint({k: v for k, v in d.items()
+                               if k not in RUN_KEYS and not (k in HASH_IF_SET and v is None)})
+
+
+def load_config(config_file: str | None, flags: dict) -> DataConfig:
+    cfg = cfglib.from_sources(DataConfig, config_file, flags)
+    check_config(cfg)
+    return cfg
+
+
+def check_config(cfg: DataConfig) -> None:
+    for name in ("k", "m", "batch_size", "max_tokens", "teacher_max_tokens", "pool_size"):
+        if getattr(cfg, name) < 1:
+            raise AftError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.n_prompts is not None and cfg.n_prompts < 1:
+        raise AftError(f"n_prompts must be >= 1, got {cfg.n_prompts}")
+    if (cfg.input_file is None) == (cfg.task is None):
+        raise AftError("give exactly one prompt source: --input_file (a file or hub dataset) or --task (reasoning-gym)")
+    if cfg.task is not None and cfg.n_prompts is None:
+        raise AftError("--task needs --n_prompts (how many reasoning-gym prompts)")
+    if cfg.proposals == "on_policy" and cfg.m < cfg.k and cfg.select != "all":
+        raise AftError(f"on-policy sampling needs m >= k (m={cfg.m}, k={cfg.k})")
+    if cfg.scorer == "reward_model" and not cfg.reward_model:
+        raise AftError("scorer reward_model needs --reward_model (a sequence-classification model folder)")
+    if cfg.scorer == "judge" and not cfg.judge_model:
+        raise AftError("scorer judge needs --judge_model")
+    if cfg.target == "teacher" and not cfg.teacher:
+        raise AftError("target teacher needs --teacher (any model: folder, smollm2-135m, http://host:port/v1#name, "
+                       "vllm:...); or use --target best (verifiable tasks) or reference")
+    if not 0 < cfg.top_p <= 1 or not 0 < cfg.teacher_top_p <= 1:
+        raise AftError("top_p and teacher_top_p must be in (0, 1]")
+    shard_slice([], cfg.shard)
+    cfg.prompt_style()
+
+
+# ----------------------------------------------------------------------- input
+def load_items(cfg: DataConfig) -> list[Item | RowError]:
+    """Every prompt of the source, in order, with bad rows as RowErrors (or an AftError at the first, on_error=stop)."""
+    if cfg.task is not None:
+        from .reasoning_gym import split_prompts
+
+        n = cfg.n_prompts or 0
+        train, evals = split_prompts(cfg.task, n if cfg.split == "train" else 0,
+                                     cfg.eval_size if cfg.split == "train" else n, cfg.task_config or None,
+                                     cfg.split_seed, cfg.pool_size)
+        rows: list = train if cfg.split == "train" else evals[:n]
+    else:
+        rows = list(read_items(cfg.input_file, cfg.schema, cfg.score_field, cfg.hub_split, cfg.n_prompts))
+    off = _off_policy(cfg, rows)
+    checked = []
+    for r in rows:
+        if isinstance(r, Item) and off:
+            if not r.responses:
+                where = f"{r.meta.get('source')}:{r.meta.get('source_line')}: "
+                r = RowError(where, "no responses (off-policy proposals need a responses field)", "no responses")
+            elif cfg.select != "all" and len(r.responses) < cfg.k:
+                where = f"{r.meta.get('source')}:{r.meta.get('source_line')}: "
+                r = RowError(where, f"fewer than k={cfg.k} responses ({len(r.responses)})", "fewer than k")
+        if isinstance(r, RowError):
+            if cfg.on_error == "stop":
+                raise AftError(f"{r} (use --on_error skip to skip such rows)")
+            log.warning("skipped: %s", r)
+        checked.append(r)
+    if not any(isinstance(r, Item) for r in checked):
+        raise AftError(f"{cfg.input_file or cfg.task}: no usable rows")
+    return checked
+
+
+def _off_policy(cfg: DataConfig, rows: list) -> bool:
+    if cfg.proposals != "auto":
+        return cfg.proposals == "off_policy"
+    return any(isinstance(r, Item) and r.responses for r in rows) or any(
+        isinstance(r, RowError) and r.kind in ("fewer than k", "non-numeric score") for r in rows)
+
+
+# ---------------------------------------------------------------------- engines
+@dataclass
+class Resources:
+    """What a build uses; pass ready objects (tests, notebooks) or let `run_build` load them from cfg."""
+
+    proposer: Engine | None = None
+    teacher: Engine | None = None
+    scorer: Scorer | None = None
+    owned: list = field(default_factory=list)  # loaded here, closed at the end
+
+
+def _scorer_name(cfg: DataConfig, items: list[Item]) -> str:
+    if cfg.scorer != "auto":
+        return cfg.scorer
+    return "verifier" if any(it.answer is not None for it in items) else "none"
+
+
+def _engine_kw(cfg: DataConfig) -> dict:
+    return dict(dtype=cfg.dtype, device=cfg.device, max_concurrency=cfg.max_concurrency, api_key=cfg.api_key,
+                tensor_parallel_size=cfg.tensor_parallel_size, seed=cfg.seed, context_window=cfg.context_window)
+
+
+def _prepare(cfg: DataConfig, res: Resources, on_policy: bool, scorer_name: str) -> Resources:
+    cache: dict = {}
+
+    def engine_for(model: str, engine: str):
+        key = (model, engine)
+        if key not in cache:
+            cache[key] = load_model_engine(model, engine, **_engine_kw(cfg))
+            res.owned.append(cache[key])
+        return cache[key]
+
+    if on_policy and res.proposer is None:
+        res.proposer = engine_for(cfg.model, cfg.engine)
+    if res.proposer is not None:
+        cache[(cfg.model, cfg.engine)] = res.proposer
+    if cfg.target == "teacher" and res.teacher is None:
+        same = cfg.teacher_engine == cfg.engine or cfg.teacher_engine == "auto"
+        res.teacher = cache.get((cfg.teacher, cfg.engine)) if same else None
+        res.teacher = res.teacher or engine_for(cfg.teacher, cfg.teacher_engine)
+    if res.scorer is None and scorer_name != "none":
+        if scorer_name == "verifier":
+            res.scorer = VerifierScorer()
+        elif scorer_name == "reward_model":
+            res.scorer = RewardModelScorer.load(cfg.reward_model, dtype=cfg.dtype, device=cfg.device)
+            res.owned.append(res.scorer)
+        elif scorer_name == "judge":
+            res.scorer = JudgeScorer(engine_for(cfg.judge_model, cfg.judge_engine), cfg.judge_max_tokens, cfg.seed)
+    return res
+
+
+# ------------------------------------------------------------------------ build
+@dataclass
+class Summary:
+    out: Path
+    rows: int = 0  # written now
+    resumed: int = 0  # done in an earlier run
+    skipped: int = 0  # dropped while building (see skipped.jsonl)
+    input_errors: int = 0
+    generated_tokens: int = 0
+    seconds: float = 0.0
+    card: dict | None = None
+
+
+OUTPUTS = ("aft.jsonl", "sft.jsonl", "aft_noprop.jsonl", "skipped.jsonl")
+
+
+def out_dir(cfg: DataConfig) -> Path:
+    _, i, n = shard_slice([], cfg.shard)
+    return Path(cfg.out) / "shards" / f"{i}-of-{n}" if n > 1 else Path(cfg.out)
+
+
+def run_build(cfg: DataConfig, resources: Resources | None = None, progress=None) -> Summary:
+    """Build the data set of `cfg`. `progress(done, total, tokens)` after each chunk."""
+    check_config(cfg)
+    res = resources or Resources()
+    style = cfg.prompt_style()
+    rows = load_items(cfg)
+    rows, _, _ = shard_slice(rows, cfg.shard)
+    items = [r for r in rows if isinstance(r, Item)]
+    errors = [r for r in rows if isinstance(r, RowError)]
+    out = out_dir(cfg)
+    chash = config_hash(cfg)
+    _check_resume(cfg, out, chash)
+    _trim_partial(out, cfg.no_proposals)
+
+    off = _off_policy(cfg, rows)
+    scorer_name = _scorer_name(cfg, items)
+    summary = Summary(out, input_errors=len(errors))
+    write_json(out / "input_errors.json", [{"where": e.loc.rstrip(": "), "kind": e.kind, "message": e.message}
+                                           for e in errors])
+    aft = JsonlAppender(out / "aft.jsonl")
+    sft = JsonlAppender(out / "sft.jsonl")
+    noprop = JsonlAppender(out / "aft_noprop.jsonl") if cfg.no_proposals else None
+    skipped = JsonlAppender(out / "skipped.jsonl")
+    try:
+        done = aft.done | skipped.done
+        todo = [it for it in items if it.id not in done]
+        summary.resumed = len(items) - len(todo)
+        if todo:
+            _prepare(cfg, res, not off, scorer_name)
+        write_json(out / "config.json", {
+            "config": {k: v for k, v in cfglib.to_dict(cfg).items() if k != "api_key"},
+            "config_hash": chash, "proposals": "off_policy" if off else "on_policy", "scorer": scorer_name,
+            "proposer": res.proposer.describe() if res.proposer else None,
+            "teacher": res.teacher.describe() if res.teacher else None,
+            "scorer_info": res.scorer.describe() if res.scorer else None,
+        })
+        builder = _Builder(cfg, res, style, off, chash)
+        t0 = time.perf_counter()
+        for s in range(0, len(todo), cfg.batch_size):
+            chunk = todo[s:s + cfg.batch_size]
+            for item, rec in zip(chunk, builder.run(chunk)):
+                if "skip" in rec:
+                    skipped.write({"id": item.id, "reason": rec["skip"], "source": item.meta.get("source"),
+                                   "source_line": item.meta.get("source_line")})
+                    summary.skipped += 1
+                    continue
+                sft.write(rec["sft"])
+                if noprop is not None:
+                    noprop.write(rec["noprop"])
+                aft.write(rec["aft"])  # last: aft.jsonl decides what is done
+                summary.rows += 1
+            summary.generated_tokens = builder.tokens
+            summary.seconds = time.perf_counter() - t0
+            if progress:
+                progress(summary.resumed + s + len(chunk), len(items), builder.tokens)
+    finally:
+        for f in (aft, sft, noprop, skipped):
+            if f is not None:
+                f.close()
+        for obj in res.owned:
+            obj.close()
+    summary.card = cardlib.write_card(out)
+    return summary
+
+
+def _check_resume(cfg: DataConfig, out: Path, chash: str) -> None:
+    meta = out / "config.json"
+    if not (out / "aft.jsonl").exists() or not meta.exists():
+        return
+    try:
+        previous = json.loads(meta.read_text())
+    except (ValueError, OSError):
+        return
+    if previous.get("config_hash") != chash:
+        old = previous.get("config", {})
+        now = cfglib.to_dict(cfg)
+        changed = [k for k in now if k not in RUN_KEYS and k != "api_key" and old.get(k) != now[k]]
+        raise AftError(f"{out}: was built with a different {', '.join(changed) or 'config'}; choose another --out "
+                       f"or delete it to start over")
+
+
+def _trim_partial(out: Path, no_proposals: bool) -> None:
+    """After a crash sft/noprop may hold a row that aft.jsonl does not: drop it (it is rebuilt)."""
+    if not (out / "aft.jsonl").exists():
+        return
+    JsonlAppender(out / "aft.jsonl").close()  # repairs a torn last line
+    done = {str(r["id"]) for _, r in read_jsonl(out / "aft.jsonl") if "id" in r}
+    for name in ("sft.jsonl", "aft_noprop.jsonl"):
+        p = out / name
+        if not p.exists():
+            continue
+        JsonlAppender(p).close()
+        recs = [r for _, r in read_jsonl(p)]
+        keep = [r for r in recs if str(r.get("id")) in done]
+        if len(keep) != len(recs):
+            tmp = p.with_name(p.name + ".tmp")
+            tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in keep), encoding="utf-8")
+            tmp.replace(p)
+
+
+class _Builder:
+    """One chunk of prompts -> rows: proposals, scores, selection, targets. No I/O."""
+
+    def __init__(self, cfg: DataConfig, res: Resources, style: PromptStyle, off_policy: bool, chash: str):
+        self.cfg, self.res, self.style, self.off, self.chash = cfg, res, style, off_policy, chash
+        self.tokens = 0
+        self.demos = None
+        if not off_policy:
+            mode = cfg.proposal_prompt
+            if mode == "auto":
+                mode = "demonstrations" if getattr(res.proposer, "raw_prompt", False) else "chat"
+            if mode == "demonstrations":
+                self.demos = load_demonstrations(cfg.demonstrations_file)
+            self.prompt_mode = mode
+        self.params = SamplingParams(n=cfg.m, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                                     max_tokens=cfg.max_tokens,
+                                     stop=tuple(cfg.stop) + (("# Query:",) if self.demos else ()))
+
+    # --- proposals
+    def candidates(self, chunk: list[Item]) -> list[list[Proposal] | str]:
+        if self.off:
+            return [[dataclasses.replace(p) for p in it.responses] for it in chunk]
+        eng = self.res.proposer
+        out: list = [None] * len(chunk)
+        reqs, where = [], []
+        for i, it in enumerate(chunk):
+            messages = proposal_messages(it.query, self.style, self.demos)
+            if eng.context_window:
+                n = eng.count_tokens(messages)
+                if n is not None and n >= eng.context_window:
+                    out[i] = f"the proposal prompt needs {n} tokens, more than the context window"
+                    continue
+            seed = derive_seed(self.cfg.seed, it.id, "propose")
+            reqs.append(Request(messages, dataclasses.replace(self.params, seed=seed)))
+            where.append(i)
+        results = eng.generate(reqs) if reqs else []
+        for i, r in zip(where, results):
+            seeds = r.seeds or [None] * len(r.completions)
+            self.tokens += sum(c.tokens for c in r.completions)
+            out[i] = [Proposal(clean_proposal(c.text, self.demos), f"s{j}", None, eng.model or None, c.tokens,
+                               c.finish_reason, sd) for j, (c, sd) in enumerate(zip(r.completions, seeds))]
+        return out
+
+    def run(self, chunk: list[Item]) -> list[dict]:
+        cfg = self.cfg
+        cands = self.candidates(chunk)
+        live = [i for i, c in enumerate(cands) if not isinstance(c, str)]
+        recs: list[dict] = [{"skip": c} if isinstance(c, str) else {} for c in cands]
+        # scores: the scorer's when there is one (dataset scores kept in meta), else the dataset's
+        dataset_scores = {i: [p.score for p in cands[i]] for i in live}
+        if self.res.scorer is not None and live:
+            scores = self.res.scorer.score([chunk[i] for i in live], [[p.text for p in cands[i]] for i in live])
+            for i, sc in zip(live, scores):
+                if all(s is None for s in sc):
+                    continue  # the scorer cannot score this prompt (e.g. no reference answer): dataset scores stay
+                for p, s in zip(cands[i], sc):
+                    p.score = s
+        chosen: dict[int, list[int]] = {}
+        for i in live:
+            try:
+                chosen[i] = select(cands[i], cfg.k, cfg.select, derive_seed(cfg.seed, chunk[i].id, "select"))
+            except AftError as e:
+                recs[i] = {"skip": str(e)}
+        # targets
+        targets: dict[int, dict] = {}
+        prompts: dict[int, tuple] = {}
+        teacher = self.res.teacher if cfg.target == "teacher" else None
+        for i, idx in chosen.items():
+            props = [cands[i][j] for j in idx]
+            prompts[i] = training_prompt(chunk[i].query, [p.text for p in props], self.style, teacher,
+                                         cfg.teacher_max_tokens)
+            if cfg.target == "best":
+                b = best_index(props)
+                if b is None:
+                    recs[i] = {"skip": "target best needs scored proposals"}
+                    continue
+                targets[i] = {"text": props[b].text, "source_id": props[b].id, "score": props[b].score,
+                              "tokens": props[b].tokens, "finish_reason": props[b].finish_reason, "seed": props[b].seed}
+            elif cfg.target == "reference":
+                if not chunk[i].reference:
+                    recs[i] = {"skip": "target reference needs a reference answer"}
+                    continue
+                targets[i] = {"text": chunk[i].reference, "source_id": "reference", "score": None, "tokens": None,
+                              "finish_reason": None, "seed": None}
+        if cfg.target == "teacher":
+            self._teach(chunk, chosen, prompts, targets, recs)
+        # score targets that are not a proposal (for the card's "target beats best")
+        if self.res.scorer is not None and cfg.target != "best":
+            ids = [i for i in targets if recs[i].get("skip") is None]
+            if ids:
+                sc = self.res.scorer.score([chunk[i] for i in ids], [[targets[i]["text"]] for i in ids])
+                for i, s in zip(ids, sc):
+                    targets[i]["score"] = s[0]
+        for i, t in targets.items():
+            if "skip" in recs[i]:
+                continue
+            if not t["text"].strip():
+                recs[i] = {"skip": "empty target"}
+                continue
+            if cfg.min_target_score is not None and not (_num(t["score"]) and t["score"] >= cfg.min_target_score):
+                recs[i] = {"skip": f"target score below min_target_score {cfg.min_target_score}"}
+                continue
+            recs[i] = self._rows(chunk[i], cands[i], chosen[i], dataset_scores[i], prompts[i], t)
+        return recs
+
+    def _teach(self, chunk, chosen, prompts, targets, recs) -> None:
+        cfg, eng = self.cfg, self.res.teacher
+        params = SamplingParams(n=1, temperature=cfg.teacher_temperature, top_p=cfg.teacher_top_p,
+                                max_tokens=cfg.teacher_max_tokens)
+        ids = [i for i in chosen if "skip" not in recs[i]]
+        seeds = [derive_seed(cfg.seed, chunk[i].id, "teacher") for i in ids]
+        if not ids:
+            return
+        results = eng.generate(teacher_requests([prompts[i][0] for i in ids], params, seeds))
+        for i, sd, r in zip(ids, seeds, results):
+            c = r.completions[0]
+            self.tokens += c.tokens
+            targets[i] = {"text": c.text.strip(), "source_id": "teacher", "score": None, "tokens": c.tokens,
+                          "finish_reason": c.finish_reason, "seed": sd}
+
+    def _rows(self, item: Item, cands: list[Proposal], idx: list[int], dataset_scores: list, prompt: tuple,
+              target: dict) -> dict:
+        cfg = self.cfg
+        messages, texts, truncated = prompt
+        props = [cands[j] for j in idx]
+        best = max((p.score for p in props if _num(p.score)), default=None)
+        meta = {
+            "source": item.meta.get("source"),
+            "source_line": item.meta.get("source_line"),
+            "proposal_source": "off_policy" if self.off else "on_policy",
+            "proposal_prompt": None if self.off else self.prompt_mode,
+            "select": cfg.select,
+            "k": len(props),
+            "candidates": [{"id": p.id, "score": p.score, "dataset_score": ds, "model": p.model,
+                            "chars": len(p.text), "words": len(p.text.split()), "tokens": p.tokens,
+                            "finish_reason": p.finish_reason, "seed": p.seed}
+                           for p, ds in zip(cands, dataset_scores)],
+            "proposals": [p.id for p in props],
+            "proposal_scores": [p.score for p in props],
+            "truncated": truncated,
+            "diversity": cardlib.diversity(texts),
+            "target": {"mode": cfg.target, "source_id": target["source_id"], "score": target["score"],
+                       "best_proposal_score": best, "chars": len(target["text"]),
+                       "words": len(target["text"].split()), "tokens": target["tokens"],
+                       "finish_reason": target["finish_reason"], "seed": target["seed"]},
+            "teacher": self.res.teacher.model if cfg.target == "teacher" and self.res.teacher else None,
+            "scorer": self.res.scorer.name if self.res.scorer else None,
+            "seeds": {"base": cfg.seed, "proposals": None if self.off else derive_seed(cfg.seed, item.id, "propose"),
+                      "select": derive_seed(cfg.seed, item.id, "select") if cfg.select == "random" else None,
+                      "teacher": target["seed"] if cfg.target == "teacher" else None},
+            "task": item.meta.get("task"),
+            "question": item.meta.get("question"),
+            "answer": item.answer,
+            "rg_metadata": item.meta.get("rg_metadata"),
+            "style": self.style.name,
+            "config_hash": self.chash,
+        }
+        completion = [{"role": "assistant", "content": target["text"]}]
+        query_prompt = proposer_messages(item.query, self.style)
+        return {
+            "aft": {"id": item.id, "prompt": messages, "completion": completion, "meta": {**meta, "variant": "aft"}},
+            "sft": {"id": item.id, "prompt": query_prompt, "completion": completion, "meta": {**meta, "variant": "sft"}},
+            "noprop": {"id": item.id, "prompt": query_prompt, "completion": completion,
+                       "meta": {**meta, "variant": "no_proposals"}},
+        }
+
+
+def _num(x) -> bool:
+    return x is not None and not (isinstance(x, float) and math.isnan(x))
+
+
+# ------------------------------------------------------------------------ merge
+def merge_shards(out: str | Path) -> dict:
+    """Concatenate <out>/shards/i-of-n/* in shard order into <out>/, then write the data card."""
+    out = Path(out)
+    shard_dirs = sorted((out / "shards").glob("*-of-*"), key=lambda p: int(p.name.split("-of-")[0]))
+    if not shard_dirs:
+        raise AftError(f"{out}/shards: no shard folders (build with --shard i/n first)")
+    n = int(shard_dirs[0].name.split("-of-")[1])
+    names = {p.name for p in shard_dirs}
+    missing = [f"{i}-of-{n}" for i in range(n) if f"{i}-of-{n}" not in names]
+    if missing or len(shard_dirs) != n:
+        raise AftError(f"{out}/shards: missing shard(s) {', '.join(missing) or '(mixed n)'}")
+    configs = [json.loads((d / "config.json").read_text()) for d in shard_dirs]
+    if len({c["config_hash"] for c in configs}) != 1:
+        raise AftError(f"{out}/shards: the shards were built with different configs")
+    for name in OUTPUTS:
+        parts = [d / name for d in shard_dirs if (d / name).exists()]
+        if not parts:
+            continue
+        tmp = out / (name + ".tmp")
+        with open(tmp, "wb") as f:
+            for p in parts:
+                f.write(p.read_bytes())
+        tmp.replace(out / name)
+    errors = [e for d in shard_dirs for e in json.loads((d / "input_errors.json").read_text())]
+    write_json(out / "input_errors.json", errors)
+    merged = dict(configs[0])
+    merged["config"] = {**merged["config"], "shard": "0/1"}
+    merged["merged_from"] = [str(d) for d in shard_dirs]
+    write_json(out / "config.json", merged)
+    return cardlib.write_card(out)
