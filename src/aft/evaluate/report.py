@@ -1,0 +1,273 @@
+"""`aft eval report <out>`: tables and plots from the cached records (no engine, no generation).
+
+Reads every <out>/<label>/<task>/<strategy>.seed<S>.jsonl (see run.py) and writes
+
+    <out>/report.md                       a table per task: accuracy (mean, 95% bootstrap interval
+                                          over seeds and questions) and compute per query
+    <out>/summary.json                    the same numbers, for scripts
+    <out>/acc_vs_tokens-<task>.png        accuracy versus tokens per query, one point per strategy
+    <out>/acc_vs_flops-<task>.png         accuracy versus FLOPs per query
+    <out>/width_depth-<label>-<task>.png  the K x L heat map (when a sweep was run)
+
+Only questions answered under every seed of a (model, task, strategy) count, so a
+partly finished run reports what it has, consistently.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from pathlib import Path
+
+from ..errors import AftError
+from ..io import read_jsonl, write_json
+from .compute import flops
+from .stats import bootstrap_ci, paired_difference
+
+log = logging.getLogger(__name__)
+
+_FILE = re.compile(r"^(?P<strategy>.+)\.seed(?P<seed>-?\d+)\.jsonl$")
+_PA = re.compile(r"^pa-k(\d+)-l(\d+)$")
+
+
+def load_records(out: str | Path) -> dict:
+    """{(label, task, strategy): {"seeds": {seed: {id: record}}, "meta": meta, "run": run.json}}"""
+    out = Path(out)
+    if not out.is_dir():
+        raise AftError(f"{out}: no such folder")
+    found: dict = {}
+    for run_json in sorted(out.glob("*/run.json")):
+        label_dir = run_json.parent
+        run = json.loads(run_json.read_text())
+        for path in sorted(label_dir.glob("*/*.jsonl")):
+            m = _FILE.match(path.name)
+            if not m:
+                continue
+            meta_path = path.with_name(path.name.replace(".jsonl", ".meta.json"))
+            meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+            key = (label_dir.name, path.parent.name, m["strategy"])
+            entry = found.setdefault(key, {"seeds": {}, "meta": meta, "run": run})
+            entry["seeds"][int(m["seed"])] = {str(r["id"]): r for _, r in read_jsonl(path)}
+    if not found:
+        raise AftError(f"{out}: no cached evaluation records (expected <label>/<task>/<strategy>.seed<S>.jsonl)")
+    return found
+
+
+def summarize(found: dict, n_boot: int = 2000) -> list[dict]:
+    rows = []
+    for (label, task, strategy), entry in sorted(found.items()):
+        seeds = sorted(entry["seeds"])
+        common = set.intersection(*(set(entry["seeds"][s]) for s in seeds))
+        ids = sorted(common)
+        if not ids:
+            continue
+        recs = [[entry["seeds"][s][i] for i in ids] for s in seeds]
+        scores = [[1.0 if r.get("correct") else 0.0 for r in row] for row in recs]
+        mean, lo, hi = bootstrap_ci(scores, n_boot=n_boot)
+        flat = [r for row in recs for r in row]
+        n = len(flat)
+        params = entry["meta"].get("num_parameters") or entry["run"].get("num_parameters")
+        u = {k: sum(r["usage"][k] for r in flat) / n
+             for k in ("prompt_tokens", "completion_tokens", "generations", "seconds")}
+        fl = flops(u["prompt_tokens"], u["completion_tokens"], params)
+        strat = entry["meta"].get("strategy", {})
+        rows.append({
+            "label": label, "task": task, "strategy": strategy, "strategy_label": strat.get("label", strategy),
+            "kind": strat.get("kind", strategy.split("-")[0]), "k": strat.get("k"), "l": strat.get("l"),
+            "n": strat.get("n"), "oracle": strat.get("scorer") == "verifier",
+            "accuracy": mean, "ci_low": lo, "ci_high": hi, "seeds": seeds, "questions": len(ids),
+            "prompt_tokens": u["prompt_tokens"], "completion_tokens": u["completion_tokens"],
+            "total_tokens": u["prompt_tokens"] + u["completion_tokens"], "generations": u["generations"],
+            "seconds": u["seconds"], "num_parameters": params, **fl,
+            "truncated": sum(r.get("finish_reason") == "length" for r in flat) / n,
+            "errors": sum("error" in r for r in flat),
+            "_scores": scores, "_ids": ids,
+        })
+    return rows
+
+
+def _fmt_flops(x):
+    return "-" if x is None else f"{x / 1e9:.1f}"
+
+
+def write_report(out: str | Path, n_boot: int = 2000, title: str = "Evaluation report") -> Path:
+    out = Path(out)
+    found = load_records(out)
+    rows = summarize(found, n_boot)
+    if not rows:
+        raise AftError(f"{out}: records found but no question answered under every seed yet")
+    tasks = sorted({r["task"] for r in rows})
+    labels = list(dict.fromkeys(r["label"] for r in rows))
+    lines = [f"# {title}", "",
+             f"Rebuilt from the cached records in `{out}` on {time.strftime('%Y-%m-%d %H:%M')} "
+             f"(`aft eval report {out}`).", "",
+             "Accuracy: mean over seeds x questions, [95% bootstrap interval resampling seeds and questions]. "
+             "Compute per query, measured: prompt tokens processed (prefill; a request's n samples share one), "
+             "generated tokens (decode), GFLOPs = 2 x parameters x tokens, wall seconds as measured when generated. "
+             "Best-of-N with the verifier is an ORACLE (it reads the reference answer): an upper bound, not a "
+             "deployable method.", ""]
+    for label in labels:
+        run = next(e["run"] for (lb, _, _), e in found.items() if lb == label)
+        eng = run.get("engine", {})
+        cfg = run.get("config", {})
+        lines.append(f"- **{label}**: model `{run.get('model')}` ({eng.get('engine', '?')} engine"
+                     f"{', ' + format(run['num_parameters'], ',') + ' parameters' if run.get('num_parameters') else ''}); "
+                     f"sampling T={cfg.get('temperature')} top-p={cfg.get('top_p')} top-k={cfg.get('top_k')}, "
+                     f"max_tokens={cfg.get('max_tokens')}, P&A final layer T={cfg.get('final_layer_temperature')}")
+    lines.append("")
+    for task in tasks:
+        trows = [r for r in rows if r["task"] == task]
+        lines += [f"## {task}", "",
+                  "| model | strategy | accuracy [95% CI] | seeds x questions | generations | prompt tok | gen tok | "
+                  "total tok | prefill GFLOP | decode GFLOP | wall s | cut at max_tokens |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in sorted(trows, key=lambda r: (labels.index(r["label"]), r["total_tokens"])):
+            name = r["strategy_label"].replace("ORACLE", "**ORACLE**")
+            lines.append(
+                f"| {r['label']} | {name} | {r['accuracy']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}] | "
+                f"{len(r['seeds'])} x {r['questions']} | {r['generations']:.1f} | {r['prompt_tokens']:.0f} | "
+                f"{r['completion_tokens']:.0f} | {r['total_tokens']:.0f} | {_fmt_flops(r['prefill_flops'])} | "
+                f"{_fmt_flops(r['decode_flops'])} | {r['seconds']:.2f} | {r['truncated']:.0%} |")
+        lines.append("")
+        lines += _paired_section(trows, labels)
+        for kind, fname in (("tokens", f"acc_vs_tokens-{task}.png"), ("flops", f"acc_vs_flops-{task}.png")):
+            if _plot_compute(trows, out / fname, kind, task):
+                lines.append(f"![accuracy versus {kind}: {task}]({fname})")
+        for label in labels:
+            fname = f"width_depth-{label}-{task}.png"
+            if _plot_heatmap([r for r in trows if r["label"] == label], out / fname, f"{label} / {task}"):
+                lines.append(f"![width x depth: {label} / {task}]({fname})")
+        lines.append("")
+    (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_json(out / "summary.json", [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows])
+    return out / "report.md"
+
+
+def _paired_section(trows: list[dict], labels: list[str]) -> list[str]:
+    """Paired differences: each strategy vs its model's greedy; each model vs the first model, same strategy."""
+    lines = []
+    by = {(r["label"], r["strategy"]): r for r in trows}
+    pairs = []
+    for r in trows:
+        g = by.get((r["label"], "greedy"))
+        if g is not None and r["strategy"] != "greedy":
+            pairs.append((r, g))
+    if len(labels) > 1:
+        for r in trows:
+            b = by.get((labels[0], r["strategy"]))
+            if b is not None and r["label"] != labels[0]:
+                pairs.append((r, b))
+    if not pairs:
+        return lines
+    lines += ["Paired differences (same questions; seeds paired where both have them):", "",
+              "| A | B | A - B [95% CI] |", "|---|---|---|"]
+    for a, b in pairs:
+        common = sorted(set(a["_ids"]) & set(b["_ids"]))
+        if not common:
+            continue
+        ia, ib = {q: i for i, q in enumerate(a["_ids"])}, {q: i for i, q in enumerate(b["_ids"])}
+        sa = [[row[ia[q]] for q in common] for row in a["_scores"]]
+        sb = [[row[ib[q]] for q in common] for row in b["_scores"]]
+        if len(sa) != len(sb) and (len(sa) == 1 or len(sb) == 1):  # a deterministic run vs several seeds
+            sa = sa * len(sb) if len(sa) == 1 else sa
+            sb = sb * len(sa) if len(sb) == 1 else sb
+        d, lo, hi = paired_difference(sa, sb)
+        lines.append(f"| {a['label']} {a['strategy_label']} | {b['label']} {b['strategy_label']} | "
+                     f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}] |")
+    return lines + [""]
+
+
+_COLORS = {"greedy": "tab:blue", "sample": "tab:gray", "pa": "tab:red", "best_of_n": "tab:green",
+           "majority": "tab:purple"}
+_MARKERS = "osD^vP*X"
+
+
+def _plot_compute(trows, path: Path, kind: str, task: str) -> bool:
+    key = "total_tokens" if kind == "tokens" else "flops"
+    pts = [r for r in trows if r.get(key)]
+    if not pts:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(dict.fromkeys(r["label"] for r in pts))
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    seen = set()
+    for r in pts:
+        mk = _MARKERS[labels.index(r["label"]) % len(_MARKERS)]
+        color = _COLORS.get(r["kind"], "black")
+        legend = f"{r['label']}: {r['kind']}"
+        ax.errorbar(r[key], r["accuracy"], yerr=[[r["accuracy"] - r["ci_low"]], [r["ci_high"] - r["accuracy"]]],
+                    fmt=mk, color=color, mfc="none" if r["oracle"] else color, capsize=3,
+                    label=None if legend in seen else legend)
+        seen.add(legend)
+        ax.annotate(r["strategy"] + (" (oracle)" if r["oracle"] else ""), (r[key], r["accuracy"]), fontsize=7,
+                    xytext=(4, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("tokens processed per query (prompt + generated)" if kind == "tokens"
+                  else "FLOPs per query (2 x parameters x tokens)")
+    ax.set_ylabel("accuracy (95% CI)")
+    ax.set_title(f"{task}: accuracy versus compute")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _plot_heatmap(lrows, path: Path, title: str) -> bool:
+    cells = {}
+    sample = next((r for r in lrows if r["strategy"] == "sample"), None)
+    for r in lrows:
+        m = _PA.match(r["strategy"])
+        if m:
+            cells[(int(m[1]), int(m[2]))] = r
+    if len(cells) < 2:
+        return False
+    ks = sorted({k for k, _ in cells})
+    ls = sorted({l for _, l in cells})
+    if sample is not None:
+        ls = [0] + ls
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    grid = np.full((len(ls), len(ks)), np.nan)
+    for i, l in enumerate(ls):
+        for j, k in enumerate(ks):
+            r = sample if l == 0 else cells.get((k, l))
+            if r is not None:
+                grid[i, j] = r["accuracy"]
+    fig, ax = plt.subplots(figsize=(1.3 * len(ks) + 2.5, 1.0 * len(ls) + 1.8))
+    im = ax.imshow(grid, origin="lower", cmap="viridis", aspect="auto", vmin=0.0, vmax=1.0)
+    for i, l in enumerate(ls):
+        for j, k in enumerate(ks):
+            r = sample if l == 0 else cells.get((k, l))
+            if r is not None:
+                ax.text(j, i, f"{r['accuracy']:.2f}\n{r['total_tokens']:.0f} tok", ha="center", va="center",
+                        fontsize=7, color="white" if r["accuracy"] < 0.6 else "black")
+    ax.set_xticks(range(len(ks)), [str(k) for k in ks])
+    ax.set_yticks(range(len(ls)), [f"{l}" + (" (1 sample)" if l == 0 else "") for l in ls])
+    ax.set_xlabel("width K (proposals per layer)")
+    ax.set_ylabel("depth L (aggregation layers)")
+    ax.set_title(f"{title}: accuracy (and tokens/query)", fontsize=9)
+    fig.colorbar(im, ax=ax, label="accuracy")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def table_rows(out: str | Path, n_boot: int = 2000) -> list[dict]:
+    """The summary rows (without the raw scores), for scripts and tests."""
+    return [{k: v for k, v in r.items() if not k.startswith("_")} for r in summarize(load_records(out), n_boot)]
+
+
+__all__ = ["load_records", "summarize", "table_rows", "write_report"]

@@ -1,0 +1,321 @@
+"""`aft eval run`: tasks x strategies x seeds on one model, every answer cached.
+
+Layout of the output folder (one folder can hold several models, by label):
+
+    <out>/<label>/run.json                            model, engine, parameters, config
+    <out>/cache/<model fingerprint>.jsonl             the sample cache (cache.py), shared by every
+                                                      label that runs the same model weights
+    <out>/<label>/<task>/<strategy>.seed<S>.jsonl     one record per question (appended)
+    <out>/<label>/<task>/<strategy>.seed<S>.meta.json what produced it (checked on resume)
+    <out>/report.md, summary.json, *.png              rebuilt by `aft eval report <out>`
+
+A rerun skips the questions already answered; a rerun with settings that change
+what is generated (model weights, sampling, task split, strategy) is refused for
+that file rather than mixed into it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import config as cfglib
+from ..errors import AftError
+from ..io import JsonlAppender, read_jsonl, write_json
+from ..prompts import STYLES, PromptStyle
+from .cache import CachedEngine, model_fingerprint
+from .compute import num_parameters
+from .strategies import Sampling, Strategy, parse_strategy, run_strategy
+from .tasks import load_task
+
+log = logging.getLogger(__name__)
+opt = cfglib.opt
+
+DEFAULT_STRATEGIES = ["greedy", "sample", "pa:k=4,l=1", "best_of_n:n=4,scorer=verifier", "majority:n=4"]
+
+
+@dataclass
+class EvalConfig:
+    out: str = opt("runs/eval", "output folder (cache, records, report)", flags=("-o",))
+    model: str = opt("smollm2-135m", "any `aft infer --model` value (embedded name, folder, adapter, URL, vllm:..)",
+                     flags=("-m",))
+    label: str | None = opt(None, "name of this model in the report (default: from --model)")
+    engine: str = opt("auto", "engine; auto picks from --model", choices=("auto", "hf", "openai", "vllm"))
+    tasks: list = opt(["rg:arith1"], "tasks: rg:<reasoning-gym task or preset>, gsm8k:<file.jsonl>, "
+                      "ifeval:<file.jsonl>")
+    strategies: list = opt(list(DEFAULT_STRATEGIES), "strategies: greedy, sample, pa:k=K,l=L, "
+                           "best_of_n:n=N,scorer=verifier|reward_model, majority:n=N")
+    sweep: bool = opt(False, "also run the width x depth sweep (pa over sweep_k x sweep_l; l=0 = one sample)")
+    sweep_k: list = opt([1, 2, 4, 8], "sweep widths K")
+    sweep_l: list = opt([0, 1, 2, 3], "sweep depths L")
+    seeds: list = opt([0], "run seeds (each question derives its own from each)")
+    limit: int | None = opt(None, "use only the first N questions of each task")
+    eval_size: int = opt(100, "reasoning-gym: held-out questions (same as `aft data build --eval_size`)")
+    pool_size: int = opt(1000, "reasoning-gym: pool size (same as `aft data build --pool_size`)")
+    split_seed: int = opt(0, "reasoning-gym: split seed (same as `aft data build --split_seed`)")
+    temperature: float = opt(0.7, "sampling temperature (samples, proposals, intermediate layers)")
+    top_p: float = opt(0.95, "top-p of sampled generations")
+    top_k: int = opt(50, "top-k of sampled generations (0 = off)")
+    max_tokens: int = opt(256, "max new tokens per generation")
+    final_layer_temperature: float = opt(0.0, "P&A final aggregation temperature (0 = greedy)")
+    final_layer_top_p: float = opt(1.0, "P&A final aggregation top-p")
+    stop: list = opt([], "stop strings")
+    style: str = opt("aft", "prompt style", choices=STYLES)
+    template_file: str | None = opt(None, "your own aggregator preamble (overrides style)")
+    batch_size: int = opt(16, "questions per engine call (and per resumable chunk)")
+    reward_model: str | None = opt(None, "reward model (transformers sequence classifier) for "
+                                   "best_of_n:scorer=reward_model")
+    num_parameters: int | None = opt(None, "model parameters for the FLOPs estimate when the engine cannot tell "
+                                     "(remote models)")
+    cache: bool = opt(True, "keep every sample in <out>/cache/<model fingerprint>.jsonl and reuse it")
+    report: bool = opt(True, "write the report when the run ends")
+    n_boot: int = opt(2000, "bootstrap replicates for the intervals")
+    dtype: str = opt("auto", "hf engine: auto, float32, bfloat16, float16")
+    device: str = opt("auto", "hf engine: auto, cpu, cuda ...")
+    max_concurrency: int = opt(8, "openai engine: requests in flight")
+    tensor_parallel_size: int = opt(1, "vllm engine: GPUs per replica")
+    context_window: int | None = opt(None, "override the model's context window (tokens)")
+
+    def sampling(self) -> Sampling:
+        return Sampling(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, max_tokens=self.max_tokens,
+                        final_layer_temperature=self.final_layer_temperature,
+                        final_layer_top_p=self.final_layer_top_p, stop=tuple(self.stop),
+                        style=PromptStyle.get(self.style, self.template_file))
+
+    def strategy_list(self) -> list[Strategy]:
+        out: list[Strategy] = []
+        specs = list(self.strategies)
+        if self.sweep:
+            specs += [f"pa:k={k},l={l}" for k in _ints(self.sweep_k, "sweep_k") for l in _ints(self.sweep_l, "sweep_l")]
+        for spec in specs:
+            s = parse_strategy(spec)
+            if s not in out:
+                out.append(s)
+        if not out:
+            raise AftError("no strategies given")
+        return out
+
+    def seed_list(self) -> list[int]:
+        seeds = _ints(self.seeds, "seeds")
+        if not seeds:
+            raise AftError("no seeds given")
+        return seeds
+
+    def display_label(self) -> str:
+        return self.label or default_label(self.model)
+
+
+def _ints(values, name) -> list[int]:
+    try:
+        return [int(v) for v in values]
+    except (TypeError, ValueError):
+        raise AftError(f"{name}: expected integers, got {values!r}") from None
+
+
+def default_label(model: str) -> str:
+    p = Path(model)
+    name = p.name if p.name else model
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "model"
+
+
+def load_config(config_file: str | None, flags: dict) -> EvalConfig:
+    cfg = cfglib.from_sources(EvalConfig, config_file, flags)
+    for name in ("batch_size", "max_tokens", "eval_size", "pool_size", "n_boot"):
+        if getattr(cfg, name) < 1:
+            raise AftError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.limit is not None and cfg.limit < 1:
+        raise AftError(f"limit must be >= 1, got {cfg.limit}")
+    if not 0 < cfg.top_p <= 1 or not 0 < cfg.final_layer_top_p <= 1:
+        raise AftError("top_p and final_layer_top_p must be in (0, 1]")
+    if cfg.temperature <= 0:
+        raise AftError("temperature must be > 0 (greedy is its own strategy)")
+    cfg.sampling()
+    strategies = cfg.strategy_list()
+    cfg.seed_list()
+    if any(s.kind == "best_of_n" and s.scorer == "reward_model" for s in strategies) and not cfg.reward_model:
+        raise AftError("best_of_n:scorer=reward_model needs --reward_model <folder>")
+    return cfg
+
+
+# What changes the generated records: a resumed file must agree on all of it.
+RECORD_KEYS = ("temperature", "top_p", "top_k", "max_tokens", "final_layer_temperature", "final_layer_top_p", "stop",
+               "style", "template_file", "eval_size", "pool_size", "split_seed", "reward_model")
+
+
+@dataclass
+class Summary:
+    out: Path
+    label: str
+    files: int = 0
+    answered: int = 0
+    skipped: int = 0
+    generated_tokens: int = 0
+    seconds: float = 0.0
+    cache_hits: int = 0
+    cache_misses: int = 0
+    accuracy: dict = dataclasses.field(default_factory=dict)  # (task, strategy) -> mean over seeds and questions
+
+
+def run_eval(cfg: EvalConfig, engine=None, progress=None) -> Summary:
+    """Run every (task, strategy, seed) not yet cached. `engine`: an already built Engine (tests);
+    `progress(done, total, tokens)` after each chunk."""
+    sampling = cfg.sampling()
+    strategies = sorted(cfg.strategy_list(), key=lambda s: -s.width)  # wide first: the cache serves the narrow
+    seeds = cfg.seed_list()
+    tasks = [load_task(t, cfg.eval_size, cfg.pool_size, cfg.split_seed, cfg.limit) for t in cfg.tasks]
+    names = [t.name for t in tasks]
+    if len(set(names)) != len(names):
+        raise AftError(f"two tasks share a name ({names}); give reasoning-gym mappings a 'name'")
+    for t in tasks:
+        if not t.has_answers and any(s.kind == "majority" for s in strategies):
+            raise AftError(f"task {t.name}: majority vote needs extractable answers (not {t.kind})")
+    label = cfg.display_label()
+    root = Path(cfg.out) / label
+    summary = Summary(Path(cfg.out), label)
+
+    jobs = []  # (task, strategy, seed, path, todo items)
+    for task in tasks:
+        for seed in seeds:
+            for strat in strategies:
+                path = root / task.name / f"{strat.name}.seed{seed}.jsonl"
+                _check_resume(path, _meta_path(path), _file_meta(cfg, task, strat, seed, label, None, None),
+                              check_model=False)
+                done = {str(rec.get("id")) for _, rec in read_jsonl(path)} if path.exists() else set()
+                todo = [it for it in task.items if it.id not in done]
+                summary.skipped += len(task.items) - len(todo)
+                jobs.append((task, strat, seed, path, todo))
+    total = sum(len(j[4]) for j in jobs)
+    if total == 0:
+        log.info("everything already answered in %s", root)
+    else:
+        own_engine = engine is None
+        if own_engine:
+            engine, spec = _load_engine(cfg)
+            fp = model_fingerprint(cfg.model, spec.adapter or spec.path)
+        else:
+            fp = model_fingerprint(cfg.model or engine.model)
+        params = cfg.num_parameters or num_parameters(engine)
+        run_meta = {"label": label, "model": cfg.model, "engine": engine.describe(), "num_parameters": params,
+                    "model_fingerprint": fp, "config": cfglib.to_dict(cfg)}
+        root.mkdir(parents=True, exist_ok=True)
+        _check_run(root / "run.json", run_meta)
+        write_json(root / "run.json", run_meta)
+        cached = CachedEngine(engine, Path(cfg.out) / "cache" / f"{fp}.jsonl", fp) if cfg.cache else engine
+        scorer = _load_scorer(cfg, strategies)
+        t0 = time.perf_counter()
+        done_count = 0
+        try:
+            for task, strat, seed, path, todo in jobs:
+                meta = _file_meta(cfg, task, strat, seed, label, fp, params)
+                meta_path = _meta_path(path)
+                _check_resume(path, meta_path, meta)
+                if not todo:
+                    continue
+                write_json(meta_path, meta)
+                summary.files += 1
+                with JsonlAppender(path) as out:
+                    for start in range(0, len(todo), cfg.batch_size):
+                        chunk = todo[start:start + cfg.batch_size]
+                        records = run_strategy(cached, task, chunk, strat, sampling, seed, scorer)
+                        for rec in records:
+                            usage = rec["usage"]
+                            row = {"id": rec["id"], "task": task.name, "strategy": strat.name, "seed": seed,
+                                   "label": label, **{k: v for k, v in rec.items() if k != "usage"},
+                                   "usage": usage.to_dict(params)}
+                            out.write(row)
+                            summary.generated_tokens += usage.completion_tokens
+                        done_count += len(chunk)
+                        summary.answered += len(chunk)
+                        summary.seconds = time.perf_counter() - t0
+                        if progress:
+                            progress(done_count, total, summary.generated_tokens)
+                        log.info("%s %s seed %d: %d/%d", task.name, strat.name, seed,
+                                 min(start + cfg.batch_size, len(todo)), len(todo))
+        finally:
+            if isinstance(cached, CachedEngine):
+                summary.cache_hits, summary.cache_misses = cached.hits, cached.misses
+                cached.close()
+            if scorer is not None:
+                scorer.close()
+            if own_engine:
+                engine.close()
+    for task in tasks:
+        for strat in strategies:
+            vals = []
+            for seed in seeds:
+                path = root / task.name / f"{strat.name}.seed{seed}.jsonl"
+                ids = {it.id for it in task.items}
+                vals += [bool(r.get("correct")) for _, r in read_jsonl(path) if r.get("id") in ids]
+            if vals:
+                summary.accuracy[(task.name, strat.name)] = sum(vals) / len(vals)
+    if cfg.report:
+        from .report import write_report
+
+        write_report(cfg.out, n_boot=cfg.n_boot)
+    return summary
+
+
+def _check_run(path: Path, meta: dict) -> None:
+    if not path.exists():
+        return
+    import json
+
+    try:
+        prev = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    if prev.get("model_fingerprint") and prev["model_fingerprint"] != meta["model_fingerprint"]:
+        log.warning("%s: label %r was run with another model (%s); records of that model are kept apart by the "
+                    "per-file check", path, meta["label"], prev.get("model"))
+
+
+def _meta_path(path: Path) -> Path:
+    return path.with_name(path.name.replace(".jsonl", ".meta.json"))
+
+
+def _file_meta(cfg: EvalConfig, task, strat: Strategy, seed: int, label: str, fp, params) -> dict:
+    return {"task": task.describe(), "strategy": strat.to_dict(), "seed": seed, "label": label, "model": cfg.model,
+            "model_fingerprint": fp, "num_parameters": params,
+            "settings": {k: getattr(cfg, k) for k in RECORD_KEYS}}
+
+
+def _check_resume(path: Path, meta_path: Path, meta: dict, check_model: bool = True) -> None:
+    if not path.exists() or not meta_path.exists():
+        return
+    import json
+
+    try:
+        prev = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        return
+    changed = [k for k in (("model_fingerprint", "seed") if check_model else ("seed",)) if prev.get(k) != meta[k]]
+    changed += [k for k in RECORD_KEYS if prev.get("settings", {}).get(k) != meta["settings"][k]]
+    if prev.get("task", {}).get("spec") != meta["task"]["spec"]:
+        changed.append("task")
+    if changed:
+        raise AftError(f"{path}: was written with a different {', '.join(changed)}; use another --out or --label, "
+                       f"or delete the file to start over")
+
+
+def _load_engine(cfg: EvalConfig):
+    from ..engines import load_engine
+    from ..models import resolve
+
+    spec = resolve(cfg.model, None if cfg.engine == "auto" else cfg.engine)
+    engine = load_engine(spec, dtype=cfg.dtype, device=cfg.device, max_concurrency=cfg.max_concurrency,
+                         tensor_parallel_size=cfg.tensor_parallel_size)
+    if cfg.context_window:
+        engine.context_window = cfg.context_window
+    return engine, spec
+
+
+def _load_scorer(cfg: EvalConfig, strategies: list[Strategy]):
+    if not any(s.kind == "best_of_n" and s.scorer == "reward_model" for s in strategies):
+        return None
+    from ..data.scorers import RewardModelScorer
+
+    return RewardModelScorer.load(cfg.reward_model, dtype=cfg.dtype, device=cfg.device)

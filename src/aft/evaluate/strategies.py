@@ -1,0 +1,311 @@
+"""Answering strategies, all on the same engine, messages and seeds.
+
+    greedy                       one answer, temperature 0
+    sample                       one sampled answer
+    pa:k=K,l=L                   propose-and-aggregate, K proposals, L aggregation layers
+                                 (official semantics: max(1, L) layers, the final one
+                                 included; l=0 here means no aggregation = `sample`)
+    best_of_n:n=N,scorer=S       N samples, the one the scorer ranks first; S = verifier
+                                 (an ORACLE: it reads the reference answer) or
+                                 reward_model (the fair one; needs `reward_model`)
+    majority:n=N                 self-consistency: N samples, the most frequent extracted
+                                 answer (ties: the answer that came first in sample order)
+
+Every strategy asks with the proposer messages of prompts.py (what `aft data`
+trains on and what P&A's first layer sends). A question's seed is
+derive_seed(run seed, question id), and its samples come from the request
+P&A's proposal layer sends (seed derive_seed(question seed, 0), the same
+sampling parameters): `sample` is P&A's first proposal, and the N samples of
+best-of-N / majority are P&A's first N proposals. The comparison between
+strategies is paired, and with the cache (cache.py) shared samples are
+generated once.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+
+from ..aggregate import PAConfig, propose_and_aggregate
+from ..data.verify import extract_answer
+from ..engines.base import Engine, Request, SamplingParams, derive_seed
+from ..errors import AftError
+from ..prompts import PromptStyle, proposer_messages
+from .compute import Usage
+from .tasks import Task, answer_key
+
+KINDS = ("greedy", "sample", "pa", "best_of_n", "majority")
+SCORER_KINDS = ("verifier", "reward_model")
+
+
+@dataclass(frozen=True)
+class Strategy:
+    kind: str
+    k: int = 1  # P&A width
+    l: int = 0  # P&A depth (aggregation layers)
+    n: int = 1  # samples (best-of-N, majority)
+    scorer: str = ""  # best-of-N
+
+    @property
+    def name(self) -> str:
+        if self.kind == "pa":
+            return f"pa-k{self.k}-l{self.l}"
+        if self.kind == "best_of_n":
+            return f"bon-n{self.n}-{'oracle' if self.scorer == 'verifier' else 'rm'}"
+        if self.kind == "majority":
+            return f"majority-n{self.n}"
+        return self.kind
+
+    @property
+    def label(self) -> str:
+        """Human-readable, for reports."""
+        return {"greedy": "greedy", "sample": "one sample",
+                "pa": f"P&A K={self.k} L={self.l}",
+                "best_of_n": f"best-of-{self.n} ({'verifier ORACLE' if self.scorer == 'verifier' else 'reward model'})",
+                "majority": f"majority of {self.n}"}[self.kind]
+
+    @property
+    def width(self) -> int:
+        """Samples in the proposal request (bigger first lets the cache serve the smaller)."""
+        return self.k if self.kind == "pa" else self.n
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "k": self.k, "l": self.l, "n": self.n, "scorer": self.scorer, "name": self.name,
+                "label": self.label}
+
+
+def parse_strategy(spec: str) -> Strategy:
+    """'greedy', 'sample', 'pa:k=4,l=1', 'best_of_n:n=8,scorer=verifier', 'majority:n=8' (also 'bon', 'maj')."""
+    text = str(spec).strip()
+    kind, _, rest = text.partition(":")
+    kind = {"bon": "best_of_n", "best-of-n": "best_of_n", "maj": "majority", "vote": "majority",
+            "one_sample": "sample", "p&a": "pa"}.get(kind.strip().lower(), kind.strip().lower())
+    if kind not in KINDS:
+        raise AftError(f"strategy {spec!r}: unknown kind {kind!r}; choose one of {', '.join(KINDS)}")
+    args: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in re.split(r"[,\s]+", rest))):
+        key, eq, value = part.partition("=")
+        if not eq:
+            raise AftError(f"strategy {spec!r}: expected key=value, got {part!r}")
+        args[key.strip().lower()] = value.strip()
+    allowed = {"greedy": set(), "sample": set(), "pa": {"k", "l"}, "best_of_n": {"n", "scorer"},
+               "majority": {"n"}}[kind]
+    if set(args) - allowed:
+        raise AftError(f"strategy {spec!r}: unknown argument(s) {sorted(set(args) - allowed)}"
+                       f"{'; allowed: ' + ', '.join(sorted(allowed)) if allowed else ''}")
+    try:
+        ints = {k: int(v) for k, v in args.items() if k in ("k", "l", "n")}
+    except ValueError:
+        raise AftError(f"strategy {spec!r}: k, l and n must be integers") from None
+    if any(v < (0 if k == "l" else 1) for k, v in ints.items()):
+        raise AftError(f"strategy {spec!r}: k and n must be >= 1, l >= 0")
+    if kind == "pa":
+        if "k" not in ints or "l" not in ints:
+            raise AftError(f"strategy {spec!r}: P&A needs k and l, e.g. pa:k=4,l=1")
+        if ints["l"] == 0:
+            return Strategy("sample")  # no aggregation: the first proposal
+        return Strategy("pa", k=ints["k"], l=ints["l"])
+    if kind in ("best_of_n", "majority"):
+        if "n" not in ints:
+            raise AftError(f"strategy {spec!r}: needs n, e.g. {kind}:n=8")
+        if kind == "majority":
+            return Strategy("majority", n=ints["n"])
+        scorer = args.get("scorer", "verifier")
+        if scorer not in SCORER_KINDS:
+            raise AftError(f"strategy {spec!r}: scorer must be one of {', '.join(SCORER_KINDS)}")
+        return Strategy("best_of_n", n=ints["n"], scorer=scorer)
+    return Strategy(kind)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """The sampling settings every strategy shares."""
+
+    temperature: float = 0.7
+    top_p: float = 0.95
+    top_k: int = 50
+    max_tokens: int = 256
+    final_layer_temperature: float = 0.0
+    final_layer_top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    style: PromptStyle = PromptStyle()
+
+    def params(self, n: int) -> SamplingParams:
+        return SamplingParams(n=n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                              max_tokens=self.max_tokens, stop=tuple(self.stop))
+
+    def pa(self, k: int, l: int, seed: int) -> PAConfig:
+        return PAConfig(n=k, num_aggregation=l, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                        max_tokens=self.max_tokens, final_layer_temperature=self.final_layer_temperature,
+                        final_layer_top_p=self.final_layer_top_p, stop=tuple(self.stop), seed=seed, style=self.style)
+
+
+def question_seed(seed: int, qid: str) -> int:
+    return derive_seed(seed, qid)  # = P&A's per-query seed
+
+
+def proposal_request(query: list[dict], qid: str, n: int, sampling: Sampling, seed: int) -> Request:
+    """Exactly the request P&A's proposal layer sends for this question (with width n)."""
+    return Request(proposer_messages(query, sampling.style),
+                   replace(sampling.params(n), seed=derive_seed(question_seed(seed, qid), 0)))
+
+
+def run_strategy(engine: Engine, task: Task, items: list, strategy: Strategy, sampling: Sampling, seed: int,
+                 scorer=None) -> list[dict]:
+    """Answer `items` (aft.data.sources.Item) with `strategy`; one record per item, in order.
+
+    A record: id, response, extracted, correct, reference, usage (measured tokens and seconds),
+    and what the strategy saw: candidates (best-of-N, majority) or the P&A trace.
+    """
+    if strategy.kind == "majority" and not task.has_answers:
+        raise AftError(f"majority vote needs extractable answers; task {task.name} ({task.kind}) has none")
+    if strategy.kind == "best_of_n" and strategy.scorer == "verifier" and task.kind == "open":
+        raise AftError("best_of_n with the verifier needs checkable answers; open-ended questions need "
+                       "scorer=reward_model")
+    if strategy.kind == "pa":
+        records = _run_pa(engine, items, strategy, sampling, seed)
+    else:
+        if strategy.kind == "greedy":
+            reqs = [Request(proposer_messages(it.query, sampling.style),
+                            SamplingParams(n=1, temperature=0.0, top_p=1.0, top_k=0, max_tokens=sampling.max_tokens,
+                                           stop=tuple(sampling.stop), seed=question_seed(seed, it.id)))
+                    for it in items]
+        else:
+            n = 1 if strategy.kind == "sample" else strategy.n
+            reqs = [proposal_request(it.query, it.id, n, sampling, seed) for it in items]
+        meter = _Meter(engine)
+        results = meter.generate(reqs)
+        records = []
+        for it, res, secs in zip(items, results, meter.calls[-1]):
+            usage = Usage()
+            usage.add_result(res)
+            usage.seconds = secs
+            texts = [c.text for c in res.completions]
+            rec = {"id": it.id, "usage": usage}
+            if strategy.kind in ("greedy", "sample"):
+                rec["response"] = texts[0]
+                rec["finish_reason"] = res.completions[0].finish_reason
+            else:
+                rec["candidates"] = [{"text": t, "tokens": c.tokens, "finish_reason": c.finish_reason}
+                                     for t, c in zip(texts, res.completions)]
+            records.append(rec)
+        if strategy.kind == "majority":
+            for rec in records:
+                texts = [c["text"] for c in rec["candidates"]]
+                votes = [answer_key(t) for t in texts]
+                for c, v in zip(rec["candidates"], votes):
+                    c["vote"] = v
+                pick = majority_pick(votes)
+                rec["response"] = texts[pick]
+                rec["finish_reason"] = rec["candidates"][pick]["finish_reason"]
+                rec["picked"] = pick
+        elif strategy.kind == "best_of_n":
+            _best_of_n(task, items, records, strategy, scorer)
+    out = []
+    for it, rec in zip(items, records):
+        response = rec.get("response")
+        rec["extracted"] = extract_answer(response) if task.has_answers else None
+        rec["reference"] = it.answer
+        ok = task.check(it, response) if "error" not in rec else False
+        rec["correct"] = None if ok is None else bool(ok)
+        out.append(rec)
+    return out
+
+
+def majority_pick(votes: list[str | None]) -> int:
+    """Index of the sample to answer with: the first sample of the most frequent non-empty vote.
+
+    Ties go to the answer that appeared first in sample order; no votes at all -> sample 0.
+    """
+    counts: dict[str, int] = {}
+    first: dict[str, int] = {}
+    for i, v in enumerate(votes):
+        if v is None:
+            continue
+        counts[v] = counts.get(v, 0) + 1
+        first.setdefault(v, i)
+    if not counts:
+        return 0
+    best = max(counts.values())
+    return min(first[v] for v, c in counts.items() if c == best)
+
+
+def _best_of_n(task: Task, items, records, strategy: Strategy, scorer) -> None:
+    texts = [[c["text"] for c in rec["candidates"]] for rec in records]
+    if strategy.scorer == "verifier":
+        scores = [[1.0 if task.check(it, t) else 0.0 for t in ts] for it, ts in zip(items, texts)]
+    else:
+        if scorer is None:
+            raise AftError("best_of_n with scorer=reward_model needs `reward_model` (a sequence-classification "
+                           "model folder)")
+        scores = scorer.score(items, texts)
+        counter = getattr(scorer, "tok", None)
+        for it, ts, rec in zip(items, texts, records):
+            if counter is not None:
+                rec["scorer_tokens"] = sum(len(counter(scorer.render(it.query, t))["input_ids"]) for t in ts)
+    for rec, sc in zip(records, scores):
+        for c, s in zip(rec["candidates"], sc):
+            c["score"] = s
+        pick = best_pick(sc)
+        rec["picked"] = pick
+        rec["response"] = rec["candidates"][pick]["text"]
+        rec["finish_reason"] = rec["candidates"][pick]["finish_reason"]
+
+
+def best_pick(scores: list[float | None]) -> int:
+    """Index of the highest score (None = unscored, ranked last); ties go to the earliest sample."""
+    best, idx = None, 0
+    for i, s in enumerate(scores):
+        if s is not None and (best is None or s > best):
+            best, idx = s, i
+    return idx
+
+
+def _run_pa(engine: Engine, items, strategy: Strategy, sampling: Sampling, seed: int) -> list[dict]:
+    meter = _Meter(engine)
+    out = propose_and_aggregate(meter, [(it.id, it.query) for it in items], sampling.pa(strategy.k, strategy.l, seed))
+    # the seconds of each (query, layer): call i answered, in order, the queries still live at layer i
+    seconds = {rec["id"]: 0.0 for rec in out}
+    for li, call in enumerate(meter.calls):
+        live = [rec["id"] for rec in out if len(rec["trace"]) > li]
+        for qid, s in zip(live, call):
+            seconds[qid] += s
+    records = []
+    for rec in out:
+        usage = Usage()
+        usage.add_trace(rec["trace"])
+        usage.seconds = seconds[rec["id"]]
+        r = {"id": rec["id"], "usage": usage, "trace": rec["trace"]}
+        if "error" in rec:
+            r["error"] = rec["error"]
+            r["response"] = None
+        else:
+            r["response"] = rec["response"]
+            r["finish_reason"] = rec["trace"][-1]["outputs"][0]["finish_reason"]
+        records.append(r)
+    return records
+
+
+class _Meter(Engine):
+    """Passes requests through, keeping each result's measured seconds per call."""
+
+    def __init__(self, inner: Engine):
+        self.inner, self.calls = inner, []
+        self.model, self.context_window = inner.model, inner.context_window
+
+    def generate(self, requests):
+        import time
+
+        t0 = time.perf_counter()
+        results = self.inner.generate(requests)
+        dt = time.perf_counter() - t0
+        if all(hasattr(r, "seconds") for r in results):
+            self.calls.append([r.seconds for r in results])
+        else:  # an uncached engine: share the call's time by tokens processed
+            sizes = [r.prompt_tokens + sum(c.tokens for c in r.completions) for r in results]
+            total = sum(sizes) or 1
+            self.calls.append([dt * s / total for s in sizes])
+        return results
+
+    def count_tokens(self, messages):
+        return self.inner.count_tokens(messages)
