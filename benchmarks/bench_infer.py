@@ -1,0 +1,211 @@
+"""Throughput of the transformers engine against plain `model.generate`, side by side.
+
+    python benchmarks/bench_infer.py [--dtype bf16] [--tokens 128] [--repeats 3] [--out runs/bench_infer.json]
+
+One process, one model in memory, the same dtype and thread count for every side:
+
+  baseline      `model.generate(do_sample=True, temperature=0.7, top_p=0.95, top_k=0,
+                num_return_sequences=4)` over 8 chat prompts (left padding, one batch);
+  ours-layer0   our engine (HFEngine) on exactly that workload: 8 requests with n=4;
+  ours-pa       the propose-and-aggregate workload K=4, L=1: layer 0 as above, then 8
+                aggregator requests (n=1, temperature 0.7, top_p 1.0) whose messages are
+                `aft.prompts.aggregator_messages(query, the 4 proposals)`;
+  baseline-pa   the same P&A workload done with `generate` (--no-baseline-pa skips it).
+
+Generated tokens are counted up to and excluding EOS/pad (baseline) or from
+Completion.tokens (ours); tok/s = generated tokens / wall time of the whole call
+(prefill, aggregator prefill and tokenization included). The sides run interleaved, in a
+rotated order in every repeat, and the medians are reported, so that other processes on
+the machine do not bias one side. The matmul peak (bf16 and fp32) is measured in the same
+run, and each tok/s is also given as a fraction of the compute bound peak / (2 x params).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+QUESTIONS = [
+    "What is the capital of France, and why is it famous?",
+    "Explain in simple terms what photosynthesis is.",
+    "Give three tips for writing clear emails.",
+    "Why is the sky blue?",
+    "What is the difference between a list and a tuple in Python?",
+    "Summarize the plot of Romeo and Juliet in a few sentences.",
+    "How do vaccines help the immune system?",
+    "Suggest a healthy breakfast and explain why it is healthy.",
+]
+K = 4  # proposals per query
+
+
+def queries() -> list[list[dict]]:
+    return [[{"role": "user", "content": q}] for q in QUESTIONS]
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 2.0) -> float:
+    """Best observed FLOP/s of an n^3 matmul loop (best of short bursts: the machine is shared)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b  # warm-up
+    best, end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t = time.perf_counter()
+        a @ b
+        best = max(best, 2 * n**3 / (time.perf_counter() - t))
+    return best
+
+
+def count_generated(seqs: torch.Tensor, stop_ids: set[int]) -> tuple[int, list[list[int]]]:
+    total, kept = 0, []
+    for row in seqs.tolist():
+        cut = next((i for i, t in enumerate(row) if t in stop_ids), len(row))
+        total += cut
+        kept.append(row[:cut])
+    return total, kept
+
+
+class Baseline:
+    """Plain `generate`: one left-padded batch, num_return_sequences samples per prompt."""
+
+    def __init__(self, engine):
+        self.engine, self.lm, self.tok = engine, engine.lm, engine.tok
+        self.stop_ids = set(engine.eos_ids) | {engine.pad_id}
+
+    @torch.inference_mode()
+    def run(self, message_lists: list[list[dict]], n: int, top_p: float, tokens: int, seed: int):
+        torch.manual_seed(seed)
+        self.tok.padding_side = "left"
+        enc = self.tok([self.engine.render(m) for m in message_lists], return_tensors="pt", padding=True,
+                       add_special_tokens=False)
+        out = self.lm.generate(**enc, do_sample=True, temperature=0.7, top_p=top_p, top_k=0,
+                               num_return_sequences=n, max_new_tokens=tokens, pad_token_id=self.engine.pad_id)
+        total, kept = count_generated(out[:, enc["input_ids"].shape[1]:], self.stop_ids)
+        texts = [self.tok.decode(k, skip_special_tokens=True) for k in kept]
+        return total, [texts[i * n:(i + 1) * n] for i in range(len(message_lists))]
+
+
+def summarize(args, path, engine, params, peaks, runs) -> dict:
+    """Medians, ratios and fractions of the compute bound, as written to --out."""
+    peak = peaks["bf16" if engine.lm.dtype == torch.bfloat16 else "fp32"]
+    bound = peak / (2 * params)
+    summary = {}
+    for name, rs in runs.items():
+        if rs:
+            med = statistics.median(r["tok_s"] for r in rs)
+            summary[name] = {"median_tok_s": med, "fraction_of_compute_bound": med / bound,
+                             "median_tokens": statistics.median(r["tokens"] for r in rs), "runs": len(rs)}
+    ratios = {}
+    if "baseline" in summary:
+        b = summary["baseline"]["median_tok_s"]
+        ratios = {f"{name} / baseline": s["median_tok_s"] / b for name, s in summary.items() if name != "baseline"}
+    if "baseline-pa" in summary and "ours-pa" in summary:
+        ratios["ours-pa / baseline-pa"] = summary["ours-pa"]["median_tok_s"] / summary["baseline-pa"]["median_tok_s"]
+    return {
+        "model": path, "params": params, "dtype": str(engine.lm.dtype), "threads": torch.get_num_threads(),
+        "max_new_tokens": args.tokens, "repeats": args.repeats, "prompts": len(QUESTIONS), "samples_per_prompt": K,
+        "torch": torch.__version__, "transformers": __import__("transformers").__version__,
+        "machine": platform.processor() or platform.machine(), "load_average_end": os.getloadavg(),
+        "matmul_peak_flops": peaks, "compute_bound_tok_s": bound, "runs": runs, "summary": summary, "ratios": ratios,
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=None, help="transformers folder (default: the embedded SmolLM2-135M-Instruct)")
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "bfloat16", "float32"])
+    ap.add_argument("--tokens", type=int, default=128, help="max new tokens per sample (both layers)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-baseline-pa", action="store_true", help="skip the P&A workload done with generate")
+    ap.add_argument("--out", default="runs/bench_infer.json")
+    args = ap.parse_args(argv)
+
+    from aft.engines.base import Request, SamplingParams
+    from aft.engines.hf import HFEngine
+    from aft.prompts import aggregator_messages, proposer_messages
+
+    path = args.model
+    if path is None:
+        from aft.models import embedded_model_dir
+
+        path = str(embedded_model_dir())
+    dtype = {"bf16": "bfloat16", "fp32": "float32"}.get(args.dtype, args.dtype)
+    engine = HFEngine.load(path, dtype=dtype, device="cpu")
+    params = sum(p.numel() for p in engine.lm.parameters())
+    qs = queries()
+    prop_msgs = [proposer_messages(q) for q in qs]  # system "\n" + the user question
+    base = Baseline(engine)
+
+    def ours_layer0(seed: int):
+        sp = SamplingParams(n=K, temperature=0.7, top_p=0.95, max_tokens=args.tokens, seed=seed)
+        res = engine.generate([Request(m, sp) for m in prop_msgs])
+        return sum(c.tokens for r in res for c in r.completions), [[c.text for c in r.completions] for r in res]
+
+    def ours_pa(seed: int):
+        n0, props = ours_layer0(seed)
+        sp = SamplingParams(n=1, temperature=0.7, top_p=1.0, max_tokens=args.tokens, seed=seed + 1)
+        res = engine.generate([Request(aggregator_messages(q, p), sp) for q, p in zip(qs, props)])
+        return n0 + sum(c.tokens for r in res for c in r.completions)
+
+    def baseline_layer0(seed: int):
+        return base.run(prop_msgs, K, 0.95, args.tokens, seed)
+
+    def baseline_pa(seed: int):
+        n0, props = baseline_layer0(seed)
+        n1, _ = base.run([aggregator_messages(q, p) for q, p in zip(qs, props)], 1, 1.0, args.tokens, seed + 1)
+        return n0 + n1
+
+    sides = {
+        "baseline": lambda s: baseline_layer0(s)[0],
+        "ours-layer0": lambda s: ours_layer0(s)[0],
+        "ours-pa": ours_pa,
+    }
+    if not args.no_baseline_pa:
+        sides["baseline-pa"] = baseline_pa
+
+    print(f"model {path} ({params / 1e6:.1f}M params), {engine.lm.dtype}, {torch.get_num_threads()} threads, "
+          f"load average {os.getloadavg()[0]:.2f}", flush=True)
+    # warm-up (allocator, kernels) outside the timings
+    engine.generate([Request(prop_msgs[0], SamplingParams(n=2, max_tokens=8, seed=0))])
+    base.run(prop_msgs[:1], 2, 0.95, 8, 0)
+
+    peaks = {"bf16": matmul_peak(torch.bfloat16), "fp32": matmul_peak(torch.float32)}
+    runs: dict[str, list[dict]] = {name: [] for name in sides}
+    names = list(sides)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for rep in range(args.repeats):
+        order = names[rep % len(names):] + names[:rep % len(names)]
+        for name in order:
+            t = time.perf_counter()
+            n = sides[name](1000 + rep)
+            dt = time.perf_counter() - t
+            runs[name].append({"tokens": n, "seconds": dt, "tok_s": n / dt, "load_average": os.getloadavg()[0]})
+            print(f"  repeat {rep + 1}/{args.repeats} {name:12s} {n:5d} tokens {dt:7.1f} s {n / dt:7.1f} tok/s",
+                  flush=True)
+            # after every run, so that an interrupted benchmark still leaves its data
+            out.write_text(json.dumps(summarize(args, path, engine, params, peaks, runs), indent=2))
+    # a second look at the peak, after the runs (take the better: the machine is shared)
+    peaks = {k: max(v, matmul_peak({"bf16": torch.bfloat16, "fp32": torch.float32}[k])) for k, v in peaks.items()}
+    report = summarize(args, path, engine, params, peaks, runs)
+    out.write_text(json.dumps(report, indent=2))
+
+    print(f"\nmatmul peak: bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s, fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s; "
+          f"compute bound ({engine.lm.dtype}) {report['compute_bound_tok_s']:.0f} tok/s")
+    print(f"{'side':14s} {'tok/s (median)':>15s} {'tokens':>8s} {'of bound':>9s}")
+    for name, s in report["summary"].items():
+        print(f"{name:14s} {s['median_tok_s']:15.1f} {s['median_tokens']:8.0f} {s['fraction_of_compute_bound']:9.1%}")
+    for k, v in report["ratios"].items():
+        print(f"{k:28s} {v:.2f}x")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

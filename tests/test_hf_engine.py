@@ -1,0 +1,210 @@
+"""The transformers engine's own decode loop (src/aft/engines/hf.py).
+
+Most tests use a tiny random-init Llama (2 layers, hidden 64) with the embedded
+model's real tokenizer, so they take seconds; `test_embedded_model_*` uses the
+real SmolLM2-135M-Instruct and is marked `slow`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from aft.engines.base import Request, SamplingParams  # noqa: E402
+from aft.engines.hf import HFEngine, _sample, _sample_truncated  # noqa: E402
+
+QUESTIONS = ["Hi", "What is the capital of France? Answer in one word.",
+             "Write a long story about a dragon who learns to bake bread in a small village."]
+
+
+@pytest.fixture(scope="module")
+def engine(tokenizer):  # `tokenizer`: the embedded model's (tests/conftest.py)
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=len(tokenizer), max_position_embeddings=1024, initializer_range=0.3, tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    model = transformers.LlamaForCausalLM(cfg).to(torch.float32)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return HFEngine(model, tokenizer)
+
+
+def msgs(q: str) -> list[dict]:
+    return [{"role": "system", "content": "\n"}, {"role": "user", "content": q}]
+
+
+def texts(results) -> list[list[str]]:
+    return [[c.text for c in r.completions] for r in results]
+
+
+def generate_greedy(engine, questions, max_new):
+    """Reference: transformers `generate(do_sample=False)` on one left-padded batch."""
+    tok = engine.tok
+    tok.padding_side = "left"
+    enc = tok([engine.render(msgs(q)) for q in questions], return_tensors="pt", padding=True,
+              add_special_tokens=False)
+    assert len(set(enc["attention_mask"].sum(-1).tolist())) == len(questions)  # really different lengths
+    with torch.inference_mode():
+        out = engine.lm.generate(**enc, do_sample=False, max_new_tokens=max_new, pad_token_id=engine.pad_id)
+    refs = []
+    for row in out[:, enc["input_ids"].shape[1]:].tolist():
+        cut = next((i for i, t in enumerate(row) if t in engine.eos_ids), len(row))
+        refs.append((tok.decode(row[:cut], skip_special_tokens=True), cut))
+    return refs
+
+
+def test_greedy_equals_generate_on_left_padded_prompts(engine):
+    refs = generate_greedy(engine, QUESTIONS, 24)
+    res = engine.generate([Request(msgs(q), SamplingParams(temperature=0, max_tokens=24)) for q in QUESTIONS])
+    got = [(r.completions[0].text, r.completions[0].tokens) for r in res]
+    assert got == refs
+    assert all(r.prompt_tokens == engine.count_tokens(msgs(q)) for r, q in zip(res, QUESTIONS))
+
+
+def test_n_samples_share_one_prefill(engine):
+    seen = []
+    hook = engine.lm.model.register_forward_pre_hook(lambda m, a, kw: seen.append(tuple(kw["input_ids"].shape)),
+                                                     with_kwargs=True)
+    try:
+        res = engine.generate([Request(msgs(q), SamplingParams(n=3, temperature=1.0, max_tokens=6, seed=1))
+                               for q in QUESTIONS[:2]])
+    finally:
+        hook.remove()
+    assert [len(r.completions) for r in res] == [3, 3]
+    assert len(res[0].seeds) == 3 and len(set(res[0].seeds)) == 3
+    assert seen[0][0] == 2 and seen[0][1] > 1  # one prefill row per prompt, not per sample
+    assert all(s[1] == 1 for s in seen[1:])  # then one token per step
+    assert seen[1][0] == 6  # the 2 x 3 sample rows decode together
+    assert len(set(texts(res)[0])) > 1  # the samples are not copies of one another
+
+
+def test_same_seed_same_texts_different_seed_different(engine):
+    def run(seed):
+        sp = SamplingParams(n=2, temperature=1.0, top_p=0.9, max_tokens=12, seed=seed)
+        return texts(engine.generate([Request(msgs(q), sp) for q in QUESTIONS]))
+
+    a, b, c = run(7), run(7), run(8)
+    assert a == b
+    assert a != c
+
+
+def test_unseeded_sampling_varies(engine):
+    sp = SamplingParams(n=4, temperature=1.0, max_tokens=8)
+    (res,) = engine.generate([Request(msgs(QUESTIONS[0]), sp)])
+    assert len({c.text for c in res.completions}) > 1
+
+
+@pytest.mark.parametrize("sp", [
+    SamplingParams(n=1, temperature=0, max_tokens=10),
+    SamplingParams(n=2, temperature=0.8, top_p=0.9, max_tokens=10, seed=3),
+    SamplingParams(n=2, temperature=1.0, max_tokens=10, seed=4),
+    SamplingParams(n=1, temperature=0.7, top_k=5, max_tokens=10, seed=5),
+])
+def test_a_sample_does_not_depend_on_its_batch(engine, sp):
+    alone = texts(engine.generate([Request(msgs(QUESTIONS[1]), sp)]))[0]
+    others = [Request(msgs(QUESTIONS[0]), SamplingParams(n=3, temperature=1.0, max_tokens=4, seed=11)),
+              Request(msgs(QUESTIONS[2]), SamplingParams(n=1, temperature=0, max_tokens=14))]
+    batched = texts(engine.generate([others[0], Request(msgs(QUESTIONS[1]), sp), others[1]]))[1]
+    assert alone == batched
+
+
+def test_max_tokens_gives_length_and_exactly_that_many_tokens(engine):
+    for sp in (SamplingParams(temperature=0, max_tokens=7), SamplingParams(n=3, temperature=1.0, max_tokens=5, seed=2)):
+        (res,) = engine.generate([Request(msgs(QUESTIONS[2]), sp)])
+        assert [(c.tokens, c.finish_reason) for c in res.completions] == [(sp.max_tokens, "length")] * sp.n
+        for c in res.completions:
+            assert len(engine.tok(c.text, add_special_tokens=False)["input_ids"]) <= sp.max_tokens + 1
+
+
+def test_stop_string_cuts_the_text(engine):
+    (full,) = engine.generate([Request(msgs(QUESTIONS[1]), SamplingParams(temperature=0, max_tokens=20))])
+    text = full.completions[0].text
+    stop = text[len(text) // 2: len(text) // 2 + 3]
+    assert stop and text.find(stop) > 0
+    (cut,) = engine.generate([Request(msgs(QUESTIONS[1]), SamplingParams(temperature=0, max_tokens=20, stop=(stop,)))])
+    c = cut.completions[0]
+    assert c.text == text[:text.find(stop)]
+    assert c.finish_reason == "stop"
+    assert c.tokens < full.completions[0].tokens
+
+
+def test_eos_ends_a_sample_with_stop(engine):
+    """From the 3rd forward call (prefill, 1 decode step) on, EOS is forced: 2 tokens then "stop"."""
+    calls = []
+    eos = engine.eos_ids[0]
+
+    def force_eos(module, args, output):
+        calls.append(1)
+        if len(calls) >= 3:
+            output[..., eos] = 1e4
+        return output
+
+    hook = engine.lm.lm_head.register_forward_hook(force_eos)
+    try:
+        res = engine.generate([Request(msgs(q), SamplingParams(n=2, temperature=0.7, max_tokens=9, seed=1))
+                               for q in QUESTIONS[:2]])
+    finally:
+        hook.remove()
+    assert [(c.tokens, c.finish_reason) for r in res for c in r.completions] == [(2, "stop")] * 4
+
+
+def test_top_k_1_equals_greedy(engine):
+    greedy = texts(engine.generate([Request(msgs(q), SamplingParams(temperature=0, max_tokens=12)) for q in QUESTIONS]))
+    top1 = texts(engine.generate([Request(msgs(q), SamplingParams(n=2, temperature=0.7, top_k=1, max_tokens=12, seed=9))
+                                  for q in QUESTIONS]))
+    assert top1 == [g * 2 for g in greedy]
+
+
+def _reference_truncated(lg, top_p, top_k, u):
+    """Full-sort top-k/top-p inverse-CDF sampling (the straightforward version)."""
+    probs = torch.softmax(lg, dim=-1)
+    sp, si = probs.sort(dim=-1, descending=True)
+    drop = (sp.cumsum(-1) - sp) >= top_p[:, None]
+    ranks = torch.arange(sp.shape[-1])[None, :]
+    drop |= (top_k[:, None] > 0) & (ranks >= top_k[:, None])
+    cdf = sp.masked_fill(drop, 0.0).double().cumsum(-1)
+    pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp(max=sp.shape[-1] - 1)
+    return si.gather(-1, pick).squeeze(-1)
+
+
+def test_truncated_sampling_matches_a_full_sort():
+    g = torch.Generator().manual_seed(0)
+    V = 5000
+    # peaked rows (small nucleus) and flat rows (nucleus far beyond the first topk window)
+    lg = torch.cat([torch.randn(6, V, generator=g) * 6, torch.randn(6, V, generator=g) * 0.2])
+    top_p = torch.tensor([0.5, 0.9, 0.95, 1.0, 0.99, 0.3] * 2)
+    top_k = torch.tensor([0, 0, 0, 40, 3, 0, 0, 0, 2000, 0, 10, 0])
+    for _ in range(5):
+        u = torch.rand(12, generator=g, dtype=torch.float64)
+        assert torch.equal(_sample_truncated(lg, top_p, top_k, u), _reference_truncated(lg, top_p, top_k, u))
+
+
+def test_plain_sampling_follows_the_distribution():
+    probs = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    n = 4000
+    lg = probs.log().expand(n, 4)
+    u = torch.rand(n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ones = torch.ones(n)
+    picks = _sample(lg.clone(), ones, ones, torch.zeros(n, dtype=torch.long), u)
+    freq = torch.bincount(picks, minlength=4).float() / n
+    assert torch.allclose(freq, probs, atol=0.03)
+    greedy = _sample(lg.clone(), torch.zeros(n), ones, torch.zeros(n, dtype=torch.long), u)
+    assert bool((greedy == 3).all())
+
+
+@pytest.mark.slow
+def test_embedded_model_greedy_equals_generate_and_stops_at_eos():
+    from aft.models import embedded_model_dir
+
+    eng = HFEngine.load(str(embedded_model_dir()), dtype="float32", device="cpu")
+    qs = ["What is 2+2?", "Write a haiku about the sea."]
+    refs = generate_greedy(eng, qs, 32)
+    res = eng.generate([Request(msgs(q), SamplingParams(temperature=0, max_tokens=32)) for q in qs])
+    assert [(r.completions[0].text, r.completions[0].tokens) for r in res] == refs
+    reasons = {r.completions[0].finish_reason for r in res}
+    assert reasons <= {"stop", "length"} and all(r.completions[0].tokens > 0 for r in res)
+    assert any(r.completions[0].finish_reason == "stop" and r.completions[0].tokens < 32 for r in res)
