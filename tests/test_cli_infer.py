@@ -15,7 +15,7 @@ QUESTIONS = [{"id": "add", "query": [{"role": "user", "content": "What is 3 + 4?
              {"id": "sky", "prompt": "What color is the sky?"}]
 
 
-def aft(*args, cwd=None, timeout=300):
+def aft(*args, cwd=None, timeout=900):
     return subprocess.run([sys.executable, "-m", "aft", *map(str, args)], capture_output=True, text=True,
                           cwd=cwd, timeout=timeout, env={**os.environ, "AFT_PROGRESS": ""})
 

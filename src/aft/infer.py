@@ -15,8 +15,9 @@ from pathlib import Path
 
 from . import config as cfglib
 from .aggregate import PAConfig, plan, propose_and_aggregate
+from .engines import open_engine
 from .errors import AftError
-from .io import JsonlAppender, read_jsonl, read_queries, write_json
+from .io import JsonlAppender, read_queries, write_json
 from .prompts import STYLES, PromptStyle
 
 log = logging.getLogger(__name__)
@@ -161,7 +162,9 @@ def run_infer(cfg: InferConfig, progress=None) -> Summary:
         if not todo:
             log.info("all %d queries already done in %s", len(items), out_path)
             return summary
-        engine = _load_engine(cfg)
+        engine, _ = open_engine(cfg.model, cfg.engine, cfg.context_window, dtype=cfg.dtype, device=cfg.device,
+                                max_concurrency=cfg.max_concurrency, api_key=cfg.api_key,
+                                tensor_parallel_size=cfg.tensor_parallel_size, seed=cfg.seed)
         write_json(meta_path, {"config": cfglib.to_dict(cfg), "engine": engine.describe(),
                                "layers": [dataclasses.asdict(layer) for layer in plan(pa)]})
         t0 = time.perf_counter()
@@ -204,19 +207,3 @@ def _check_resume(cfg: InferConfig, out_path: Path, meta_path: Path) -> None:
     if changed:
         raise AftError(f"{out_path}: was written with a different {', '.join(changed)}; "
                        f"choose another --output_file or delete it to start over")
-
-
-def _load_engine(cfg: InferConfig):
-    from .engines import load_engine
-    from .models import resolve
-
-    spec = resolve(cfg.model, None if cfg.engine == "auto" else cfg.engine)
-    engine = load_engine(spec, dtype=cfg.dtype, device=cfg.device, max_concurrency=cfg.max_concurrency,
-                         api_key=cfg.api_key, tensor_parallel_size=cfg.tensor_parallel_size, seed=cfg.seed)
-    if cfg.context_window:
-        engine.context_window = cfg.context_window
-    return engine
-
-
-def read_results(path: str | Path) -> list[dict]:
-    return [rec for _, rec in read_jsonl(path)]

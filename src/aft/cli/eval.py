@@ -111,10 +111,9 @@ def report_main(args) -> int:
 
 
 def _engine(model, engine, dtype, device):
-    from ..engines import load_engine
-    from ..models import resolve
+    from ..engines import open_engine
 
-    return load_engine(resolve(model, None if engine == "auto" else engine), dtype=dtype, device=device)
+    return open_engine(model, engine, dtype=dtype, device=device)[0]
 
 
 def export_main(args) -> int:

@@ -55,5 +55,18 @@ def load_engine(spec: ModelSpec, **opts) -> Engine:
     return VLLMEngine(spec.path, display_name=spec.name, **kw)
 
 
+def open_engine(model: str, engine: str = "auto", context_window: int | None = None,
+                **opts) -> tuple[Engine, ModelSpec]:
+    """Resolve a --model value (engine "auto" picks from it), load its engine, apply a
+    --context_window override. Returns the engine and the resolved spec."""
+    from ..models import resolve
+
+    spec = resolve(model, None if engine == "auto" else engine)
+    eng = load_engine(spec, **opts)
+    if context_window:
+        eng.context_window = context_window
+    return eng, spec
+
+
 __all__ = ["Completion", "Engine", "Request", "Result", "SamplingParams", "derive_seed", "load_engine",
-           "sample_seeds"]
+           "open_engine", "sample_seeds"]

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import config as cfglib
+from ..engines import open_engine
 from ..errors import AftError
 from ..io import JsonlAppender, read_jsonl, write_json
 from ..prompts import STYLES, PromptStyle
@@ -194,7 +195,9 @@ def run_eval(cfg: EvalConfig, engine=None, progress=None) -> Summary:
     else:
         own_engine = engine is None
         if own_engine:
-            engine, spec = _load_engine(cfg)
+            engine, spec = open_engine(cfg.model, cfg.engine, cfg.context_window, dtype=cfg.dtype,
+                                       device=cfg.device, max_concurrency=cfg.max_concurrency,
+                                       tensor_parallel_size=cfg.tensor_parallel_size)
             fp = model_fingerprint(cfg.model, spec.adapter or spec.path)
         else:
             fp = model_fingerprint(cfg.model or engine.model)
@@ -301,16 +304,6 @@ def _check_resume(path: Path, meta_path: Path, meta: dict, check_model: bool = T
                        f"or delete the file to start over")
 
 
-def _load_engine(cfg: EvalConfig):
-    from ..engines import load_engine
-    from ..models import resolve
-
-    spec = resolve(cfg.model, None if cfg.engine == "auto" else cfg.engine)
-    engine = load_engine(spec, dtype=cfg.dtype, device=cfg.device, max_concurrency=cfg.max_concurrency,
-                         tensor_parallel_size=cfg.tensor_parallel_size)
-    if cfg.context_window:
-        engine.context_window = cfg.context_window
-    return engine, spec
 
 
 def _load_scorer(cfg: EvalConfig, strategies: list[Strategy]):
