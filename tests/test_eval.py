@@ -137,6 +137,32 @@ def test_reasoning_gym_task_is_the_held_out_split():
         load_task("arith1")
 
 
+def test_best_of_n_with_a_reward_model_picks_its_top_score(tiny_engine, tokenizer, tmp_path):
+    """The fair best-of-N: a real (tiny, random) sequence-classification model scores the candidates."""
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from aft.data.scorers import RewardModelScorer
+
+    torch.manual_seed(5)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, num_labels=1, pad_token_id=tokenizer.pad_token_id)
+    LlamaForSequenceClassification(cfg).save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+    scorer = RewardModelScorer.load(str(tmp_path / "rm"))
+    task = Task("gsm", "gsm8k", f"gsm8k:{GSM}", load_gsm8k(GSM)[:3])
+    recs = run_strategy(tiny_engine, task, task.items, parse_strategy("best_of_n:n=3,scorer=reward_model"),
+                        Sampling(temperature=1.0, max_tokens=6), seed=2, scorer=scorer)
+    for it, rec in zip(task.items, recs):
+        texts = [c["text"] for c in rec["candidates"]]
+        scores = scorer.score([it], [texts])[0]  # scored alone: other padding, bf16 rounding
+        got = [c["score"] for c in rec["candidates"]]
+        assert got == pytest.approx(scores, abs=4e-3)
+        assert rec["picked"] == max(range(3), key=lambda i: got[i])
+        assert rec["response"] == texts[rec["picked"]]
+    assert any(rec["picked"] != 0 for rec in recs)  # else "always the first" would pass too
+
+
 # --------------------------------------------------- strategies and accounting
 STRATEGIES = ["greedy", "sample", "pa:k=2,l=1", "pa:k=1,l=2", "best_of_n:n=3,scorer=verifier", "majority:n=3"]
 
