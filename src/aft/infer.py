@@ -146,7 +146,7 @@ class Summary:
 def run_infer(cfg: InferConfig, progress=None) -> Summary:
     """Run P&A over cfg.input_file, appending to the output.
 
-    `progress(n_done, tokens, stage)` is called after every layer of every chunk.
+    `progress(done, total, tokens, stage)` is called after every layer of every chunk.
     """
     pa = cfg.pa()
     input_file = cfg.input_file or SAMPLE_QUESTIONS
@@ -173,7 +173,7 @@ def run_infer(cfg: InferConfig, progress=None) -> Summary:
         def on_layer(layer, seconds, tokens):
             summary.generated_tokens += tokens
             if progress:
-                progress(summary.done, summary.generated_tokens, f"layer {layer.index}/{last_layer}")
+                progress(summary.done, len(todo), summary.generated_tokens, f"layer {layer.index}/{last_layer}")
 
         try:
             for start in range(0, len(todo), cfg.batch_size):
@@ -187,7 +187,7 @@ def run_infer(cfg: InferConfig, progress=None) -> Summary:
                 summary.done += len(chunk)
                 summary.seconds = time.perf_counter() - t0
                 if progress:
-                    progress(summary.done, summary.generated_tokens, "")
+                    progress(summary.done, len(todo), summary.generated_tokens)
         finally:
             engine.close()
     return summary

@@ -72,3 +72,16 @@ def progress_bar(total: int, desc: str, unit: str = "query"):
 
     return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr,
                 disable=None if not os.environ.get("AFT_PROGRESS") else False)
+
+
+def token_progress(bar):
+    """A progress callback for long commands: (items done, items in all, tokens generated, stage)."""
+
+    def update(done: int, total: int | None = None, tokens: int = 0, stage: str = "") -> None:
+        if total is not None:
+            bar.total = total
+        bar.update(done - bar.n)
+        elapsed = bar.format_dict["elapsed"] or 1e-9
+        bar.set_postfix_str(f"{stage + ', ' if stage else ''}{tokens / elapsed:.0f} tok/s")
+
+    return update

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .. import config as cfglib
-from . import flags_given, progress_bar
+from . import flags_given, progress_bar, token_progress
 
 
 def add_parser(sub) -> None:
@@ -37,13 +37,7 @@ def build_main(args) -> int:
     flags = flags_given(args, exclude=("command", "data_command", "handler", "verbose", "quiet", "config"))
     cfg = load_config(args.config, flags)
     with progress_bar(0, "aft data build", unit="prompt") as bar:
-        def progress(done, total, tokens):
-            bar.total = total
-            bar.update(done - bar.n)
-            elapsed = bar.format_dict["elapsed"] or 1e-9
-            bar.set_postfix_str(f"{tokens / elapsed:.0f} tok/s")
-
-        s = run_build(cfg, progress=progress)
+        s = run_build(cfg, progress=token_progress(bar))
     print(f"{s.rows} rows written, {s.resumed} already done, {s.skipped} skipped while building, "
           f"{s.input_errors} bad input rows; {s.generated_tokens} tokens generated in {s.seconds:.1f}s")
     _headline(s.card)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .. import config as cfglib
 from ..errors import AftError
-from . import flags_given, progress_bar
+from . import flags_given, progress_bar, token_progress
 
 EXCLUDE = ("command", "eval_command", "handler", "verbose", "quiet", "config")
 
@@ -86,13 +86,7 @@ def run_main(args) -> int:
 
     cfg = load_config(args.config, flags_given(args, exclude=EXCLUDE))
     with progress_bar(0, "aft eval") as bar:
-        def progress(done, total, tokens):
-            bar.total = total
-            bar.update(done - bar.n)
-            elapsed = bar.format_dict["elapsed"] or 1e-9
-            bar.set_postfix_str(f"{tokens / elapsed:.0f} tok/s")
-
-        s = run_eval(cfg, progress=progress)
+        s = run_eval(cfg, progress=token_progress(bar))
     print(f"{s.label}: {s.answered} answers written, {s.skipped} already cached; {s.generated_tokens} tokens "
           f"counted in {s.seconds:.1f}s; sample cache {s.cache_hits} hits / {s.cache_misses} generated requests")
     for (task, strategy), acc in sorted(s.accuracy.items()):

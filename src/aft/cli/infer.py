@@ -6,8 +6,8 @@ import json
 import sys
 
 from .. import config as cfglib
-from ..infer import InferConfig, dry_run, load_config, read_queries, run_infer, SAMPLE_QUESTIONS
-from . import flags_given, progress_bar
+from ..infer import InferConfig, dry_run, load_config, run_infer
+from . import flags_given, progress_bar, token_progress
 
 SHOW_ANSWERS = 20  # print the answers themselves for runs up to this size
 
@@ -30,14 +30,8 @@ def main(args) -> int:
     if args.dry_run:
         print(json.dumps(dry_run(cfg), indent=2, ensure_ascii=False))
         return 0
-    total = len(read_queries(cfg.input_file or SAMPLE_QUESTIONS))
-    with progress_bar(total, "propose-and-aggregate") as bar:
-        def progress(done, tokens, stage):
-            bar.update(done - bar.n)
-            elapsed = bar.format_dict["elapsed"] or 1e-9
-            bar.set_postfix_str(f"{stage + ', ' if stage else ''}{tokens / elapsed:.0f} tok/s")
-
-        summary = run_infer(cfg, progress)
+    with progress_bar(0, "propose-and-aggregate") as bar:
+        summary = run_infer(cfg, token_progress(bar))
     if summary.results and len(summary.results) <= SHOW_ANSWERS:
         for row in summary.results:
             question = row_question(row)
