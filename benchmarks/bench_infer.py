@@ -18,6 +18,11 @@ Completion.tokens (ours); tok/s = generated tokens / wall time of the whole call
 rotated order in every repeat, and the medians are reported, so that other processes on
 the machine do not bias one side. The matmul peak (bf16 and fp32) is measured in the same
 run, and each tok/s is also given as a fraction of the compute bound peak / (2 x params).
+
+The matmul floor: the forward calls of one ours-pa run (rows x tokens of each) are recorded,
+then only the model's linear layers are replayed at those sizes (same weights, same kernels,
+nothing else). That time bounds any loop that runs the same forward passes one token a step:
+its tok/s can be at most generated tokens / floor seconds.
 """
 
 from __future__ import annotations
@@ -71,11 +76,56 @@ def count_generated(seqs: torch.Tensor, stop_ids: set[int]) -> tuple[int, list[l
     return total, kept
 
 
-class Baseline:
-    """Plain `generate`: one left-padded batch, num_return_sequences samples per prompt."""
+class MatmulFloor:
+    """Record the (decoder tokens, logit rows) of every forward call; replay only the linear layers."""
 
-    def __init__(self, engine):
-        self.engine, self.lm, self.tok = engine, engine.lm, engine.tok
+    def __init__(self, lm):
+        self.lm, self.calls = lm, []
+        self.linears = [m for m in lm.model.modules() if isinstance(m, torch.nn.Linear)]
+
+    def record(self, fn):
+        def hook(module, args, kwargs, output):
+            ids = kwargs["input_ids"]
+            self.calls.append((ids.numel(), output.logits.shape[0] * output.logits.shape[1]))
+
+        handle = self.lm.register_forward_hook(hook, with_kwargs=True)
+        try:
+            return fn()
+        finally:
+            handle.remove()
+
+    @torch.inference_mode()
+    def replay(self) -> float:
+        """Seconds that the recorded calls' matmuls alone take."""
+        dtype = self.lm.dtype
+        inputs: dict[tuple[int, int], torch.Tensor] = {}
+
+        def x(rows: int, features: int) -> torch.Tensor:
+            if (rows, features) not in inputs:
+                inputs[rows, features] = torch.randn(rows, features, dtype=dtype)
+            return inputs[rows, features]
+
+        head = self.lm.lm_head
+        t = time.perf_counter()
+        for tokens, logit_rows in self.calls:
+            for lin in self.linears:
+                torch.nn.functional.linear(x(tokens, lin.in_features), lin.weight)
+            torch.nn.functional.linear(x(logit_rows, head.in_features), head.weight)
+        return time.perf_counter() - t
+
+
+class Baseline:
+    """Plain `generate`: one left-padded batch, num_return_sequences samples per prompt.
+
+    On its own copy of the model, loaded as transformers loads it (HFEngine switches its model's
+    CPU decode attention to `aft_sdpa`).
+    """
+
+    def __init__(self, engine, path: str):
+        from transformers import AutoModelForCausalLM
+
+        self.engine, self.tok = engine, engine.tok
+        self.lm = AutoModelForCausalLM.from_pretrained(path, dtype=engine.lm.dtype).eval()
         self.stop_ids = set(engine.eos_ids) | {engine.pad_id}
 
     @torch.inference_mode()
@@ -140,7 +190,7 @@ def main(argv=None) -> int:
     params = sum(p.numel() for p in engine.lm.parameters())
     qs = queries()
     prop_msgs = [proposer_messages(q) for q in qs]  # system "\n" + the user question
-    base = Baseline(engine)
+    base = Baseline(engine, path)
 
     def ours_layer0(seed: int):
         sp = SamplingParams(n=K, temperature=0.7, top_p=0.95, max_tokens=args.tokens, seed=seed)
@@ -176,6 +226,9 @@ def main(argv=None) -> int:
     base.run(prop_msgs[:1], 2, 0.95, 8, 0)
 
     peaks = {"bf16": matmul_peak(torch.bfloat16), "fp32": matmul_peak(torch.float32)}
+    floor = MatmulFloor(engine.lm)
+    floor_tokens = floor.record(lambda: ours_pa(1000))
+    floor_runs = []
     runs: dict[str, list[dict]] = {name: [] for name in sides}
     names = list(sides)
     out = Path(args.out)
@@ -191,9 +244,16 @@ def main(argv=None) -> int:
                   flush=True)
             # after every run, so that an interrupted benchmark still leaves its data
             out.write_text(json.dumps(summarize(args, path, engine, params, peaks, runs), indent=2))
+        floor_runs.append(floor.replay())
     # a second look at the peak, after the runs (take the better: the machine is shared)
     peaks = {k: max(v, matmul_peak({"bf16": torch.bfloat16, "fp32": torch.float32}[k])) for k, v in peaks.items()}
     report = summarize(args, path, engine, params, peaks, runs)
+    floor_s = statistics.median(floor_runs)
+    report["matmul_floor"] = {"workload": "ours-pa, seed 1000", "forward_calls": len(floor.calls),
+                              "generated_tokens": floor_tokens, "seconds": floor_runs,
+                              "max_tok_s": floor_tokens / floor_s}
+    if "baseline" in report["summary"]:
+        report["ratios"]["matmul floor / baseline"] = floor_tokens / floor_s / report["summary"]["baseline"]["median_tok_s"]
     out.write_text(json.dumps(report, indent=2))
 
     print(f"\nmatmul peak: bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s, fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s; "
@@ -201,6 +261,8 @@ def main(argv=None) -> int:
     print(f"{'side':14s} {'tok/s (median)':>15s} {'tokens':>8s} {'of bound':>9s}")
     for name, s in report["summary"].items():
         print(f"{name:14s} {s['median_tok_s']:15.1f} {s['median_tokens']:8.0f} {s['fraction_of_compute_bound']:9.1%}")
+    print(f"matmul floor of ours-pa ({len(floor.calls)} forward calls, {floor_tokens} tokens): its linear layers "
+          f"alone take {floor_s:.1f} s, so at most {floor_tokens / floor_s:.0f} tok/s")
     for k, v in report["ratios"].items():
         print(f"{k:28s} {v:.2f}x")
     print(f"wrote {out}")
