@@ -214,3 +214,69 @@ def test_embedded_model_greedy_equals_generate_and_stops_at_eos():
     reasons = {r.completions[0].finish_reason for r in res}
     assert reasons <= {"stop", "length"} and all(r.completions[0].tokens > 0 for r in res)
     assert any(r.completions[0].finish_reason == "stop" and r.completions[0].tokens < 32 for r in res)
+
+
+def test_buffer_layer_behaves_like_dynamic_layer_and_grows():
+    from transformers.cache_utils import DynamicLayer
+
+    from aft.engines.hf import _buffer_layer_class
+
+    g = torch.Generator().manual_seed(0)
+    ref, buf = DynamicLayer(), _buffer_layer_class()(capacity=5)
+    for n in (3, 1, 1, 1, 1):  # the 6th position is past the capacity: the buffer grows
+        k, v = torch.randn(2, 2, n, 8, generator=g), torch.randn(2, 2, n, 8, generator=g)
+        rk, rv = ref.update(k, v)
+        bk, bv = buf.update(k, v)
+        assert torch.equal(rk, bk) and torch.equal(rv, bv)
+    idx = torch.tensor([1, 1, 0])
+    ref.batch_select_indices(idx)
+    buf.batch_select_indices(idx)
+    assert torch.equal(ref.keys, buf.keys) and torch.equal(ref.values, buf.values)
+    assert buf.get_seq_length() == 7
+
+
+def test_buffer_layer_rows_are_left_padded_with_zeros():
+    from aft.engines.hf import _buffer_layer_class
+
+    buf = _buffer_layer_class()(capacity=10)
+    k2, v2 = torch.ones(1, 2, 2, 4), 2 * torch.ones(1, 2, 2, 4)
+    k4, v4 = 3 * torch.ones(2, 2, 4, 4), 4 * torch.ones(2, 2, 4, 4)
+    buf.put_rows([1], 2, k2, v2, batch=3)
+    buf.put_rows([0, 2], 0, k4, v4, batch=3)
+    buf.set_length(4)
+    assert buf.keys.shape == (3, 2, 4, 4)
+    assert torch.equal(buf.keys[1, :, :2], torch.zeros(2, 2, 4)) and torch.equal(buf.keys[1, :, 2:], k2[0])
+    assert torch.equal(buf.values[[0, 2]], v4)
+
+
+def test_decode_attention_equals_sdpa():
+    from aft.engines.hf import _decode_attention
+
+    g = torch.Generator().manual_seed(0)
+    B, H, Hkv, T, D = 3, 6, 2, 9, 8
+    q = torch.randn(B, H, 1, D, generator=g)
+    kstore = torch.randn(B, Hkv, D, T + 4, generator=g)  # the engine's layout: keys transposed, spare capacity
+    k = kstore[..., :T].transpose(-1, -2)
+    v = torch.randn(B, Hkv, T + 4, D, generator=g)[:, :, :T]
+    mask = torch.ones(B, 1, 1, T, dtype=torch.bool)
+    mask[0, ..., :4] = False  # a left-padded row
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1), attn_mask=mask)
+    got = _decode_attention(q, k, v, mask, None)
+    assert got.shape == (B, 1, H, D)
+    assert torch.allclose(got, ref.transpose(1, 2), atol=1e-5)
+
+
+def test_grouped_prefill_equals_one_padded_batch(engine):
+    prompts = [engine.encode(msgs(q)) for q in QUESTIONS + ["Hi"]]  # two prompts of one length
+    with torch.inference_mode():
+        cache, logits = engine._prefill(prompts, 64)
+        from aft.engines.hf import _preallocated_cache
+
+        padded = _preallocated_cache(engine.lm.config, 64)
+        ref = engine._prefill_padded(prompts, padded)
+    assert torch.allclose(logits, ref, atol=1e-4)
+    L = max(map(len, prompts))
+    for b, p in enumerate(prompts):  # the prompt's own positions hold the same keys
+        assert torch.allclose(cache.layers[0].keys[b, :, L - len(p):], padded.layers[0].keys[b, :, L - len(p):],
+                              atol=1e-4)
