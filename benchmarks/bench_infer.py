@@ -10,7 +10,9 @@ One process, one model in memory, the same dtype and thread count for every side
   ours-pa       the propose-and-aggregate workload K=4, L=1: layer 0 as above, then 8
                 aggregator requests (n=1, temperature 0.7, top_p 1.0) whose messages are
                 `aft.prompts.aggregator_messages(query, the 4 proposals)`;
-  baseline-pa   the same P&A workload done with `generate` (--no-baseline-pa skips it).
+  baseline-pa   the same P&A workload done with `generate` (--no-baseline-pa skips it);
+  generate-batch  (with --generate-batch) the baseline's workload through transformers'
+                continuous batching, `generate_batch`, on its own plain copy of the model.
 
 Generated tokens are counted up to and excluding EOS/pad (baseline) or from
 Completion.tokens (ours); tok/s = generated tokens / wall time of the whole call
@@ -141,6 +143,25 @@ class Baseline:
         return total, [texts[i * n:(i + 1) * n] for i in range(len(message_lists))]
 
 
+def continuous_batching(path: str, engine, message_lists, tokens: int):
+    """The baseline's workload through `generate_batch`, on a plain copy of the model; returns a side."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    lm = AutoModelForCausalLM.from_pretrained(path, dtype=engine.lm.dtype).eval()
+    inputs = [engine.encode(m) for m in message_lists]
+    config = GenerationConfig(do_sample=True, temperature=0.7, top_p=0.95, top_k=0, num_return_sequences=K,
+                              max_new_tokens=tokens, eos_token_id=engine.eos_ids, pad_token_id=engine.pad_id)
+
+    def run(seed: int) -> int:
+        torch.manual_seed(seed)
+        out = lm.generate_batch(inputs=inputs, generation_config=config)  # runs its own thread; no inference_mode
+        if len(out) != len(inputs) * K:
+            raise RuntimeError(f"generate_batch returned {len(out)} of {len(inputs) * K} sequences")
+        return sum(len([t for t in o.generated_tokens if t not in engine.eos_ids]) for o in out.values())
+
+    return run
+
+
 def summarize(args, path, engine, params, peaks, runs) -> dict:
     """Medians, ratios and fractions of the compute bound, as written to --out."""
     peak = peaks["bf16" if engine.lm.dtype == torch.bfloat16 else "fp32"]
@@ -173,6 +194,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=128, help="max new tokens per sample (both layers)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-baseline-pa", action="store_true", help="skip the P&A workload done with generate")
+    ap.add_argument("--generate-batch", action="store_true",
+                    help="also time transformers' continuous batching (generate_batch) on the baseline workload")
     ap.add_argument("--out", default="runs/bench_infer.json")
     args = ap.parse_args(argv)
 
@@ -218,6 +241,8 @@ def main(argv=None) -> int:
     }
     if not args.no_baseline_pa:
         sides["baseline-pa"] = baseline_pa
+    if args.generate_batch:
+        sides["generate-batch"] = continuous_batching(path, engine, prop_msgs, args.tokens)
 
     print(f"model {path} ({params / 1e6:.1f}M params), {engine.lm.dtype}, {torch.get_num_threads()} threads, "
           f"load average {os.getloadavg()[0]:.2f}", flush=True)
