@@ -20,15 +20,18 @@ measures the two side by side on the propose-and-aggregate workload):
     sampling), so a sample's text depends on its seed, not on what else
     shares the batch;
   * prompts are prefilled without padding (grouped by length), so attention
-    runs SDPA's causal fast path: a padded batch needs an explicit mask, and
-    with one, SDPA's CPU kernel took half of the prefill of 8 aggregator
-    prompts of ~650 tokens;
+    runs SDPA's causal fast path: a padded batch needs an explicit mask, with
+    which SDPA's CPU kernel is slow (8 aggregator prompts, 5k tokens: 4.7 s
+    padded, 3.3 s grouped);
   * on CPU, a decode step's attention (one query token) runs as two batched
     matmuls over the key/value heads (`aft_sdpa`, registered with
-    transformers' AttentionInterface; SDPA otherwise): SDPA's CPU kernel took
-    0.6 ms a layer for 32 rows x 200 positions, the matmuls 0.2 ms.
-Greedy output equals `generate(do_sample=False)` token for token
-(tests/test_hf_engine.py).
+    transformers' AttentionInterface; SDPA for everything else), reading keys
+    stored transposed so that the bf16 matmul needs no copy: 0.37 against
+    1.13 ms a layer at 32 rows x 200 positions, 0.34 against 0.46 at 8 x 700
+    (benchmarks/probe_attention.py).
+In float32, greedy output equals `generate(do_sample=False)` token for token
+(tests/test_hf_engine.py). In bf16 neither is bit-stable: rounding follows the
+matmul shapes, and `generate`'s own greedy text changes with its batch.
 """
 
 from __future__ import annotations
