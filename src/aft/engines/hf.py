@@ -19,14 +19,15 @@ measures the two side by side on the propose-and-aggregate workload):
   * each sample draws from its own seeded stream of uniforms (inverse-CDF
     sampling), so a sample's text depends on its seed, not on what else
     shares the batch;
-  * prompts are prefilled without padding (grouped by length), so attention
-    runs SDPA's causal fast path: a padded batch needs an explicit mask, with
+  * on CPU, prompts are prefilled without padding (grouped by length), so
+    attention runs SDPA's causal fast path: a padded batch needs an explicit mask, with
     which SDPA's CPU kernel is slow (8 aggregator prompts, 5k tokens: 4.7 s
     padded, 3.3 s grouped);
   * on CPU, a decode step's attention (one query token) runs as two batched
     matmuls over the key/value heads (`aft_sdpa`, registered with
-    transformers' AttentionInterface; SDPA for everything else), reading keys
-    stored transposed so that the bf16 matmul needs no copy: 0.37 against
+    transformers' AttentionInterface; SDPA for everything else), over keys
+    stored transposed (a bf16 CPU matmul reads a slice of the usual layout far
+    more slowly, copying it first): 0.37 against
     1.13 ms a layer at 32 rows x 200 positions, 0.34 against 0.46 at 8 x 700
     (benchmarks/probe_attention.py).
 In float32, greedy output equals `generate(do_sample=False)` token for token
@@ -84,7 +85,7 @@ class HFEngine(Engine):
             self.tok.chat_template = CHATML_TEMPLATE
         self.device = next(model.parameters()).device
         if self.device.type == "cpu" and getattr(model.config, "_attn_implementation", None) == "sdpa":
-            model.set_attn_implementation(_register_attention())
+            model.set_attn_implementation(_register_attention())  # the engine owns its model from here on
         self.max_batch_rows = max_batch_rows
         self.model = display_name or getattr(model.config, "_name_or_path", "")
         self.context_window = getattr(model.config, "max_position_embeddings", None)
@@ -232,14 +233,16 @@ class HFEngine(Engine):
     def _prefill(self, prompts: list[list[int]], capacity: int):
         """Left-padded KV cache of `capacity` positions for the prompts, and each prompt's next-token logits.
 
-        Prompts of one length are prefilled together, without padding or mask (SDPA's causal fast path);
-        their keys and values are then copied into the padded batch cache.
+        On CPU, prompts of one length are prefilled together, without padding or mask (SDPA's causal
+        fast path); their keys and values are then copied into the padded batch cache.
         """
         from transformers import DynamicCache
 
         B, L = len(prompts), max(len(p) for p in prompts)
         cache = _preallocated_cache(self.lm.config, capacity)
-        if not all(hasattr(layer, "put_rows") for layer in cache.layers):  # e.g. sliding-window layers
+        # One padded batch on GPUs (SDPA handles the mask well there, and one big batch keeps the device
+        # busy), and for caches with other kinds of layers (e.g. sliding-window ones).
+        if self.device.type != "cpu" or not all(hasattr(layer, "put_rows") for layer in cache.layers):
             return cache, self._prefill_padded(prompts, cache)
         logits = [None] * B
         groups: dict[int, list[int]] = {}
