@@ -307,7 +307,8 @@ def _buffer_layer_class():
             self.dtype, self.device = key_states.dtype, key_states.device
             b, h, _, d = key_states.shape
             # Keys are stored (b, h, d, capacity): the filled part, transposed, is then a matrix per head with
-            # unit stride along positions, which a bf16 CPU matmul (q @ k^T) reads without copying it first.
+            # unit stride along positions, which a bf16 CPU matmul (q @ k^T) reads far faster than a slice
+            # of the (b, h, capacity, d) layout.
             # Zeros, not empty: padding positions are masked, but 0 x NaN would still be NaN.
             self._alloc(key_states.new_zeros((batch or b, h, d, self.capacity)),
                         value_states.new_zeros((batch or b, h, self.capacity, value_states.shape[-1])))
