@@ -1,8 +1,10 @@
 """Throughput of the transformers engine against plain `model.generate`, side by side.
 
-    python benchmarks/bench_infer.py [--dtype bf16] [--tokens 128] [--repeats 3] [--out runs/bench_infer.json]
+    python benchmarks/bench_infer.py [--dtype bf16] [--tokens 128] [--repeats 3] [--generate-batch]
+                                     [--out runs/bench_infer.json]
 
-One process, one model in memory, the same dtype and thread count for every side:
+One process, the same weights, dtype and thread count for every side (the `generate` sides
+run on a plain copy of the model, as transformers loads it):
 
   baseline      `model.generate(do_sample=True, temperature=0.7, top_p=0.95, top_k=0,
                 num_return_sequences=4)` over 8 chat prompts (left padding, one batch);
