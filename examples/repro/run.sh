@@ -5,10 +5,9 @@
 #
 # Every step is resumable: rerun the script after an interruption and finished work is kept
 # (data rows, training checkpoints, cached generations). Measured on 2 quiet cores (bf16,
-# SmolLM2-135M), with the sweep at K in {1,2,4}, L in {0,1,2}: data 2 min, SFT 1.5 min, AFT 8 min,
-# evaluation of 3 models 9 min, sweep 1.5 min, report < 1 min: 22 min in all. The full
-# sweep grid now in configs/eval_sweep.yaml (K up to 8, L up to 3) took 3.3 min. Much longer on
-# a busy machine.
+# SmolLM2-135M): data 1.6 min, SFT 1.7 min, AFT 9 min, evaluation of 3 models 8.5 min,
+# width x depth sweep (K up to 8, L up to 3) 5 min, report < 1 min: 26 min in all.
+# Much longer on a busy machine.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-runs/repro}
