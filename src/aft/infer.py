@@ -17,7 +17,7 @@ from . import config as cfglib
 from .aggregate import PAConfig, plan, propose_and_aggregate
 from .engines import open_engine
 from .errors import AftError
-from .io import JsonlAppender, read_queries, write_json
+from .io import JsonlAppender, output_lock, read_queries, write_json
 from .prompts import STYLES, PromptStyle
 
 log = logging.getLogger(__name__)
@@ -153,8 +153,12 @@ def run_infer(cfg: InferConfig, progress=None) -> Summary:
     items = read_queries(input_file)  # all input checked before any model is loaded
     out_path = Path(cfg.output_file) if cfg.output_file else default_output(cfg)
     meta_path = out_path.with_name(out_path.name + ".config.json")
-    _check_resume(cfg, out_path, meta_path)
+    with output_lock(out_path):
+        _check_resume(cfg, out_path, meta_path)
+        return _run_locked(cfg, pa, items, out_path, meta_path, progress)
 
+
+def _run_locked(cfg: InferConfig, pa: PAConfig, items: list, out_path: Path, meta_path: Path, progress) -> Summary:
     summary = Summary(out_path, results=[])
     with JsonlAppender(out_path) as out:
         todo = [it for it in items if it.id not in out.done]

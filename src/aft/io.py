@@ -8,14 +8,19 @@ off before the next run appends, and resuming skips the ids already written.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 from .errors import AftError, where
 from .prompts import validate_messages
+
+log = logging.getLogger(__name__)
 
 
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
@@ -141,3 +146,54 @@ def write_json(path: str | Path, obj) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     tmp.replace(path)
+
+
+def lock_path(output: str | Path) -> Path:
+    """The lock file of an output file or folder: beside it, named <output>.lock."""
+    output = Path(output)
+    return output.with_name(output.name + ".lock")
+
+
+@contextmanager
+def output_lock(output: str | Path):
+    """Hold <output>.lock while writing `output`, so that a second writer is refused, not interleaved.
+
+    The lock is an exclusive flock on a file that holds the holder's pid: the
+    kernel drops the flock when the holder dies (even by kill -9), so a lock
+    left behind by a dead run is stale and taken over (logged); a live holder
+    makes this an AftError naming its pid.
+    """
+    path = lock_path(output)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise AftError(f"{path.parent}: cannot create the output folder: {e.strerror}") from None
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise AftError(f"{path}: cannot create the lock file: {e.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise AftError(f"{output} is being written by another aft process (pid {holder}); wait for it to "
+                           f"finish or choose another output") from None
+        try:  # the holder we waited on may have removed the file: lock the file now at the path
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    stale = os.pread(fd, 32, 0).decode(errors="replace").strip()
+    if stale:
+        log.warning("%s: taking over a stale lock left by pid %s, which is no longer running", path, stale)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    try:
+        yield path
+    finally:
+        os.unlink(path)
+        os.close(fd)

@@ -29,7 +29,7 @@ from pathlib import Path
 from .. import config as cfglib
 from ..engines.base import Engine, Request, SamplingParams, derive_seed
 from ..errors import AftError
-from ..io import JsonlAppender, read_jsonl, write_json
+from ..io import JsonlAppender, output_lock, read_jsonl, write_json
 from ..prompts import STYLES, PromptStyle, proposer_messages
 from . import card as cardlib
 from .onpolicy import clean_proposal, load_demonstrations, load_model_engine, proposal_messages
@@ -283,6 +283,12 @@ def run_build(cfg: DataConfig, resources: Resources | None = None, progress=None
     items = [r for r in rows if isinstance(r, Item)]
     errors = [r for r in rows if isinstance(r, RowError)]
     out = out_dir(cfg)
+    with output_lock(out):
+        return _build_locked(cfg, res, style, rows, items, errors, out, progress)
+
+
+def _build_locked(cfg: DataConfig, res: Resources, style: PromptStyle, rows: list, items: list, errors: list,
+                  out: Path, progress) -> Summary:
     chash = config_hash(cfg)
     _check_resume(cfg, out, chash)
     _trim_partial(out, cfg.no_proposals)

@@ -26,7 +26,7 @@ from pathlib import Path
 from .. import config as cfglib
 from ..engines import open_engine
 from ..errors import AftError
-from ..io import JsonlAppender, read_jsonl, write_json
+from ..io import JsonlAppender, output_lock, read_jsonl, write_json
 from ..prompts import STYLES, PromptStyle
 from .cache import CachedEngine, model_fingerprint
 from .compute import num_parameters
@@ -163,7 +163,12 @@ class Summary:
 
 def run_eval(cfg: EvalConfig, engine=None, progress=None) -> Summary:
     """Run every (task, strategy, seed) not yet cached. `engine`: an already built Engine (tests);
-    `progress(done, total, tokens)` after each chunk."""
+    `progress(done, total, tokens)` after each chunk. One writer per --out folder (a lock beside it)."""
+    with output_lock(cfg.out):
+        return _run_eval_locked(cfg, engine, progress)
+
+
+def _run_eval_locked(cfg: EvalConfig, engine, progress) -> Summary:
     sampling = cfg.sampling()
     strategies = sorted(cfg.strategy_list(), key=lambda s: -s.width)  # wide first: the cache serves the narrow
     seeds = cfg.seed_list()

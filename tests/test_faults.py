@@ -1,0 +1,129 @@
+"""The fault and bad-input corpus: what a user or a crash throws at each command.
+
+Each case runs the command as the CLI does (`aft.cli.main`, or a subprocess where
+a second process is the point: two writers, kill -9, a broken pipe) and asserts
+three things: the exit code, the one-line message (no traceback), and that
+nothing already written was lost. Servers are real HTTP servers on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from aft.cli import main
+from aft.engines.base import Completion, Engine, Result
+from aft.serve import start_server
+
+from conftest import FIXTURES, write_jsonl
+
+UF = FIXTURES / "data" / "ultrafeedback_sample.jsonl"
+QUESTIONS = [{"id": f"q{i}", "prompt": f"What is {i} + {i}?"} for i in range(3)]
+
+
+class Echo(Engine):
+    """A deterministic engine: answers "Answer: <len of last message>"; enough for loop and file logic."""
+
+    name, model = "echo", "echo"
+
+    def generate(self, requests):
+        return [Result([Completion(f"Answer: {len(r.messages[-1]['content'])}", 3, "stop")] * r.params.n, 5)
+                for r in requests]
+
+
+@pytest.fixture(scope="module")
+def echo_url():
+    server, url = start_server(Echo())
+    yield url + "#echo"
+    server.shutdown()
+    server.server_close()
+
+
+def one_line_error(capsys, command: str) -> str:
+    """The stderr of a failed command: exactly one line 'aft CMD: error: ...', no traceback."""
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if not line.startswith(("20", "0", "1"))]  # drop log lines
+    assert len(lines) == 1 and lines[0].startswith(f"aft {command}: error: "), err
+    return lines[0]
+
+
+def snapshot(folder: Path) -> dict:
+    """Every file under `folder` with its bytes (to show nothing written was lost or changed)."""
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def aft(*args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "aft", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "AFT_PROGRESS": ""}, **kw)
+
+
+# ------------------------------------------------------------------ 1. two writers
+HOLD = """
+import sys, time
+from aft.io import output_lock
+from contextlib import ExitStack
+with ExitStack() as stack:
+    for p in sys.argv[1:]:
+        stack.enter_context(output_lock(p))
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+@pytest.fixture
+def holder(tmp_path):
+    """A second process holding the locks of the given outputs, as a running aft command does."""
+    procs = []
+
+    def start(*outputs):
+        p = subprocess.Popen([sys.executable, "-c", HOLD, *map(str, outputs)], stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+        assert p.stdout.readline().strip() == "held"
+        procs.append(p)
+        return p
+
+    yield start
+    for p in procs:
+        p.kill()
+        p.wait()
+
+
+def test_second_writer_is_refused_for_infer_build_and_eval(tmp_path, capsys, holder, echo_url):
+    inp = write_jsonl(tmp_path / "q.jsonl", QUESTIONS)
+    out = tmp_path / "answers.jsonl"
+    assert main(["infer", "-i", str(inp), "-o", str(out), "-m", echo_url, "-k", "2", "-l", "1"]) == 0
+    data, ev = tmp_path / "data", tmp_path / "eval"
+    before = snapshot(tmp_path)
+    p = holder(out, data, ev)
+    capsys.readouterr()
+    assert main(["infer", "-i", str(inp), "-o", str(out), "-m", echo_url, "-k", "2", "-l", "1"]) == 2
+    assert f"being written by another aft process (pid {p.pid})" in one_line_error(capsys, "infer")
+    assert main(["data", "build", "-i", str(UF), "--out", str(data), "--target", "best", "--scorer", "none",
+                 "-k", "2"]) == 2
+    assert f"(pid {p.pid})" in one_line_error(capsys, "data")
+    assert main(["eval", "run", "--out", str(ev), "-m", echo_url, "--strategies", "greedy", "--limit", "2"]) == 2
+    assert f"(pid {p.pid})" in one_line_error(capsys, "eval")
+    after = snapshot(tmp_path)
+    assert {k: v for k, v in after.items() if not str(k).endswith(".lock")} == before
+
+
+def test_stale_lock_of_a_killed_writer_is_taken_over(tmp_path, capsys, caplog, holder):
+    data = tmp_path / "data"
+    p = holder(data)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert (tmp_path / "data.lock").read_text().strip() == str(p.pid)  # left behind by kill -9
+    assert main(["data", "build", "-i", str(UF), "--out", str(data), "--target", "best", "--scorer", "none",
+                 "-k", "2"]) == 0
+    assert f"taking over a stale lock left by pid {p.pid}" in caplog.text
+    assert not (tmp_path / "data.lock").exists()  # released at the end
+    assert len((data / "aft.jsonl").read_text().splitlines()) == 3
