@@ -223,3 +223,137 @@ def test_split_total():
     assert split_total(10, ["aaaa", "a"]) == [8, 2]
     assert split_total(7, ["", "", ""]) == [3, 2, 2]
     assert sum(split_total(13, ["abc", "de", "f"])) == 13
+
+
+# ------------------------------------------------------- servers of other kinds
+# Canned answers on 127.0.0.1 that refuse requests the way llama.cpp's server and
+# the hosted OpenAI API do; every request body is recorded.
+
+class FakeServer:
+    """Answers /v1/chat/completions with "sample <seed>" choices; `refuse(body)` -> (status, error) or None."""
+
+    def __init__(self, refuse):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        import threading
+
+        fake = self
+        self.bodies: list[dict] = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                fake.bodies.append(body)
+                refusal = refuse(body)
+                if refusal:
+                    status, out = refusal[0], {"error": refusal[1]}
+                else:
+                    text = f"sample {body.get('seed')} of {body.get('messages')[-1]['content']}"
+                    n = body.get("n", 1)
+                    out = {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                           "choices": [{"index": i, "message": {"role": "assistant", "content": f"{text} #{i}"},
+                                        "finish_reason": "stop"} for i in range(n)],
+                           "usage": {"prompt_tokens": 5, "completion_tokens": 4 * n, "total_tokens": 5 + 4 * n}}
+                    status = 200
+                data = json.dumps(out).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def llama_cpp(body):
+    """llama.cpp's server: n > 1 is an error (HTTP 500), unknown fields are ignored."""
+    if body.get("n", 1) != 1:
+        return 500, {"code": 500, "message": "Only one completion choice is allowed", "type": "server_error"}
+
+
+def hosted_openai(body):
+    """The hosted API with a reasoning model: no vLLM extensions, no max_tokens, no stop."""
+    for name in ("top_k", "repetition_penalty", "min_p"):
+        if name in body:
+            return 400, {"message": f"Unrecognized request argument supplied: {name}",
+                         "type": "invalid_request_error", "param": None, "code": None}
+    for name in ("max_tokens", "stop"):
+        if name in body:
+            return 400, {"message": f"Unsupported parameter: '{name}' is not supported with this model.",
+                         "type": "invalid_request_error", "param": name, "code": "unsupported_parameter"}
+
+
+@pytest.fixture
+def fake():
+    servers = []
+
+    def start(refuse):
+        servers.append(FakeServer(refuse))
+        return servers[-1]
+
+    yield start
+    for s in servers:
+        s.close()
+
+
+def test_llama_cpp_refusing_n_falls_back_to_single_samples(fake):
+    srv = fake(llama_cpp)
+    eng = client(srv.url, model="m", max_retries=3)  # the probe is not retried, whatever max_retries is
+    p = SamplingParams(n=3, temperature=1.0, max_tokens=6, seed=11)
+    [first] = eng.generate([Request(msgs("q"), p)])
+    seeds = [11, derive_seed(11, 1), derive_seed(11, 2)]
+    assert [b["n"] for b in srv.bodies] == [3, 1, 1, 1]
+    assert eng.honours_n is False and first.seeds == seeds
+    assert [c.text for c in first.completions] == [f"sample {s} of q #0" for s in seeds]
+    # Remembered: the next batch goes straight to single calls and gives the same samples.
+    srv.bodies.clear()
+    [again, other] = eng.generate([Request(msgs("q"), p), Request(msgs("r"), SamplingParams(n=2, seed=1))])
+    assert sorted(b["n"] for b in srv.bodies) == [1] * 5
+    assert [c.text for c in again.completions] == [c.text for c in first.completions]
+    assert len(other.completions) == 2
+
+
+def test_a_bad_request_with_n_is_not_taken_for_a_refusal_of_n(server):
+    eng = client(server[1], model=MODEL)
+    with pytest.raises(AftError, match="top_p"):
+        eng.generate([Request(msgs(), SamplingParams(n=2, top_p=0.0, max_tokens=2))])
+    assert eng.honours_n is None  # the 400 named top_p, not n
+
+
+def test_hosted_api_refused_parameters_are_dropped_and_remembered(fake):
+    srv = fake(hosted_openai)
+    eng = client(srv.url, model="o-model")
+    p = SamplingParams(n=2, temperature=1.0, top_k=5, max_tokens=7, seed=3, stop=(" of",))
+    [res] = eng.generate([Request(msgs("q"), p)])
+    assert eng.refused == {"top_k", "repetition_penalty", "min_p", "max_tokens", "stop"}
+    last = srv.bodies[-1]
+    assert last["max_completion_tokens"] == 7 and last["temperature"] == 1.0 and last["seed"] == 3
+    assert not {"max_tokens", "top_k", "stop", "repetition_penalty", "min_p"} & set(last)
+    # The stop string the server would not take is applied here.
+    assert [c.text for c in res.completions] == ["sample 3", "sample 3"]
+    assert [c.finish_reason for c in res.completions] == ["stop", "stop"]
+    # Remembered: the next call is accepted at once.
+    calls = len(srv.bodies)
+    eng.generate([Request(msgs("q"), p)])
+    assert len(srv.bodies) == calls + 1
+    assert eng.describe()["refused_parameters"] == ["max_tokens", "min_p", "repetition_penalty", "stop", "top_k"]
+
+
+def test_neutral_sampling_values_are_sent_when_the_user_set_none(fake):
+    # vllm serve fills an omitted top_k, repetition_penalty or min_p from generation_config.json.
+    srv = fake(lambda body: None)
+    eng = client(srv.url, model="m")
+    eng.generate([Request(msgs(), SamplingParams(temperature=0.7, top_p=0.9)),
+                  Request(msgs(), SamplingParams(top_k=50))])
+    off, k50 = sorted(srv.bodies, key=lambda b: b["top_k"])
+    assert off["top_k"] == -1 and off["repetition_penalty"] == 1.0 and off["min_p"] == 0.0
+    assert off["temperature"] == 0.7 and off["top_p"] == 0.9 and off["max_tokens"] == SamplingParams.max_tokens
+    assert k50["top_k"] == 50

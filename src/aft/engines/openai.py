@@ -12,6 +12,28 @@ separate n=1 calls, each with its own seed: sample 0 uses the request's seed
 `sample_seeds(params)[j]`, so the same request gives the same texts before and
 after the detection.
 
+Servers that refuse `n`: llama.cpp answers n > 1 with an error (HTTP 500
+"Only one completion choice is allowed"; 400 in some versions). A 400, 422,
+500 or 501 answer to a request with n > 1, before the server has ever honoured
+n, marks it the same way (remembered, logged once) and the samples are fetched
+with n=1 calls as above. That probe is sent without the client's retries, so a
+refusal costs one call, not five.
+
+Parameters a server refuses: hosted OpenAI rejects `top_k` and the other vLLM
+extensions with a 400 naming the argument, and reasoning models reject
+`max_tokens` (and some `temperature`, `top_p`, `stop`). A 400 that names a
+parameter we sent as unsupported or unrecognised drops it (`max_tokens` becomes
+`max_completion_tokens`), is remembered for later calls, logged once, and the
+call is retried. A dropped `stop` is applied here instead (each text cut at its
+first stop string); a dropped `temperature` or `top_p` leaves the server's own
+value in force (logged as a warning).
+
+Neutral sampling values: `vllm serve` (and llama.cpp, with its own defaults
+top_k 40, min_p 0.05) fills every omitted sampling parameter from the model's
+generation_config.json (e.g. top_k 20, repetition_penalty 1.05). So every call
+states them: `top_k` (-1 = off, as vLLM, SGLang and llama.cpp read it),
+`repetition_penalty` 1.0 and `min_p` 0.0, unless the server refused them.
+
 Retries: the openai client itself retries connection errors, timeouts, 408,
 409, 429 and 5xx with exponential back-off (0.5 s doubling, capped at 8 s, with
 jitter; `Retry-After` honoured) up to `max_retries` times. What is left after
@@ -28,6 +50,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
@@ -36,6 +60,14 @@ from ..errors import AftError
 from .base import Completion, Engine, Request, Result, SamplingParams, sample_seeds
 
 log = logging.getLogger(__name__)
+
+# Status codes with which a server refuses n > 1 (llama.cpp: 500 "Only one completion choice is allowed").
+_REFUSES_N = {400, 422, 500, 501}
+# Sampling values that switch off what a server would otherwise fill in from generation_config.json.
+_NEUTRAL_EXTRAS = {"repetition_penalty": 1.0, "min_p": 0.0}
+# How servers name a parameter they do not take (hosted OpenAI's phrasings; `param` gives it when set).
+_UNSUPPORTED = re.compile(r"(?:unrecognized request argument supplied|unsupported parameter|unsupported value)"
+                          r"\W+(\w+)", re.IGNORECASE)
 
 
 class OpenAIEngine(Engine):
@@ -59,6 +91,8 @@ class OpenAIEngine(Engine):
         self.context_window = context_window
         self.tokenizer = _load_tokenizer(tokenizer)
         self.honours_n: bool | None = None  # unknown until a call with n > 1 returns
+        self.refused: set[str] = set()  # parameters the server said it does not take (see _drop)
+        self._lock = threading.Lock()
         if not self.model:
             self.model = self._first_model()
 
@@ -93,7 +127,8 @@ class OpenAIEngine(Engine):
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def describe(self) -> dict:
-        return {**super().describe(), "base_url": self.base_url, "honours_n": self.honours_n}
+        return {**super().describe(), "base_url": self.base_url, "honours_n": self.honours_n,
+                "refused_parameters": sorted(self.refused)}
 
     def close(self) -> None:
         self.client.close()
@@ -128,22 +163,58 @@ class OpenAIEngine(Engine):
         elif got >= asked and self.honours_n is None:
             self.honours_n = True
 
-    def _call(self, messages: list[dict], p: SamplingParams, n: int, seed: int | None) -> tuple[list[Completion], int]:
-        """One chat.completions call -> (completions, prompt tokens)."""
+    def _body(self, messages: list[dict], p: SamplingParams, n: int, seed: int | None) -> dict:
+        """The keyword arguments of one chat.completions call, less what the server refused."""
         kw: dict = dict(model=self.model, messages=messages, n=n, temperature=p.temperature, top_p=p.top_p,
                         max_tokens=p.max_tokens)
         if p.stop:
             kw["stop"] = list(p.stop)
         if seed is not None:
             kw["seed"] = seed
-        if p.top_k > 0:
-            kw["extra_body"] = {"top_k": p.top_k}  # not in the OpenAI API; vLLM and SGLang accept it
-        try:
-            resp = self.client.chat.completions.create(**kw)
-        except openai.OpenAIError as e:
-            raise self._error(e) from e
+        # Not in the OpenAI API: vLLM, SGLang and llama.cpp read them from the body.
+        extra = {"top_k": p.top_k if p.top_k > 0 else -1, **_NEUTRAL_EXTRAS}
+        for name in self.refused:
+            if name == "max_tokens":
+                kw["max_completion_tokens"] = kw.pop("max_tokens")
+            kw.pop(name, None)
+            extra.pop(name, None)
+        if extra:
+            kw["extra_body"] = extra
+        return kw
+
+    def _call(self, messages: list[dict], p: SamplingParams, n: int, seed: int | None) -> tuple[list[Completion], int]:
+        """One chat.completions call -> (completions, prompt tokens).
+
+        Fewer completions than n come back when the server ignores or refuses n
+        (the caller fetches the rest); a refused parameter is dropped and the call retried.
+        """
+        probing = n > 1 and self.honours_n is None  # does the server take n? Ask once, without retries
+        client = self.client.with_options(max_retries=0) if probing else self.client
+        while True:
+            kw = self._body(messages, p, n, seed)
+            try:
+                resp = client.chat.completions.create(**kw)
+                break
+            except openai.OpenAIError as e:
+                if isinstance(e, openai.APIStatusError):
+                    if self._drop(e, kw):
+                        continue
+                    if probing and e.status_code in _REFUSES_N and e.param in (None, "n"):
+                        self._refuses_n(n, e)
+                        return self._call(messages, p, 1, seed)
+                status = getattr(e, "status_code", None)
+                if probing and (status is None or status in (408, 409, 429) or status >= 500):
+                    probing, client = False, self.client  # busy, flaky or unreachable: ask again, with retries
+                    continue
+                raise self._error(e) from e
         choices = sorted(resp.choices, key=lambda c: c.index)[:n]
         texts = [c.message.content or "" for c in choices]
+        finish = ["length" if c.finish_reason == "length" else "stop" for c in choices]
+        if p.stop and "stop" in self.refused:  # the server does not take stop strings: apply them here
+            for k, t in enumerate(texts):
+                cut = min((t.find(s) for s in p.stop if s in t), default=-1)
+                if cut >= 0:
+                    texts[k], finish[k] = t[:cut], "stop"
         usage = resp.usage
         if self.tokenizer is not None:
             tokens = [len(self.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
@@ -151,10 +222,40 @@ class OpenAIEngine(Engine):
             tokens = split_total(usage.completion_tokens, texts)
         else:
             tokens = [0] * len(texts)  # the server reports no usage and we have no tokenizer: unknown
-        completions = [Completion(text=t, tokens=k, finish_reason="length" if c.finish_reason == "length" else "stop")
-                       for t, k, c in zip(texts, tokens, choices)]
+        completions = [Completion(text=t, tokens=k, finish_reason=f) for t, k, f in zip(texts, tokens, finish)]
         prompt_tokens = usage.prompt_tokens if usage is not None and usage.prompt_tokens is not None else 0
         return completions, prompt_tokens
+
+    def _refuses_n(self, n: int, e: openai.APIStatusError) -> None:
+        with self._lock:
+            if self.honours_n is not False:
+                log.warning("%s (model %s) refused n=%d (%d: %s); asking for each sample separately from now on",
+                            self.base_url, self.model, n, e.status_code, _detail(e))
+                self.honours_n = False
+
+    def _drop(self, e: openai.APIStatusError, kw: dict) -> bool:
+        """A 400 naming a parameter we sent as unsupported: remember to leave it out. True if one was dropped."""
+        if e.status_code != 400:
+            return False
+        detail = _detail(e)
+        m = _UNSUPPORTED.search(detail)
+        name = m.group(1) if m else None
+        if name is None and e.param and re.search(r"unsupported|not supported|unrecognized", detail, re.IGNORECASE):
+            name = e.param
+        sent = set(kw) | set(kw.get("extra_body", {}))
+        if name not in sent or name in ("model", "messages", "n", "max_completion_tokens"):
+            return False
+        with self._lock:
+            if name not in self.refused:
+                self.refused.add(name)
+                effect = {"max_tokens": "sending max_completion_tokens instead",
+                          "stop": "cutting the texts at the stop strings here",
+                          "temperature": "the server's own temperature applies",
+                          "top_p": "the server's own top_p applies"}.get(name, "leaving it out")
+                level = logging.WARNING if name in ("temperature", "top_p") else logging.INFO
+                log.log(level, "%s (model %s) does not take %r (%s); %s from now on",
+                        self.base_url, self.model, name, detail, effect)
+        return True
 
     def _first_model(self) -> str:
         try:
@@ -176,8 +277,7 @@ class OpenAIEngine(Engine):
             cause = _one_line(e.__cause__ or e)
             return AftError(f"cannot reach {where} ({tries}): {cause}")
         if isinstance(e, openai.APIStatusError):
-            body = e.body if isinstance(e.body, dict) else {}
-            detail = _one_line(body.get("message") or e.message).rstrip(".")
+            detail = _detail(e)
             if isinstance(e, openai.AuthenticationError):
                 return AftError(f"{where}: authentication failed (401): {detail}; set OPENAI_API_KEY or api_key")
             if isinstance(e, openai.NotFoundError):
@@ -228,6 +328,12 @@ def _load_tokenizer(tokenizer):
         return AutoTokenizer.from_pretrained(str(tokenizer))
     except (OSError, ValueError) as e:
         raise AftError(f"cannot load the tokenizer {str(tokenizer)!r}: {_one_line(e)}") from e
+
+
+def _detail(e: openai.APIStatusError) -> str:
+    """The server's error message, on one line."""
+    body = e.body if isinstance(e.body, dict) else {}
+    return _one_line(body.get("message") or e.message).rstrip(".")
 
 
 def _one_line(x) -> str:
