@@ -17,8 +17,8 @@ measures the two side by side on the propose-and-aggregate workload):
     nucleus), and plain temperature sampling needs no ordering at all.
     Sorting 32 x 49k probabilities took ~45 ms a step, half a forward pass;
   * each sample draws from its own seeded stream of uniforms (inverse-CDF
-    sampling), so a sample's text depends on its seed, not on what else
-    shares the batch;
+    sampling), so a sample's random draws depend on its seed alone, not on
+    what else shares the batch;
   * on CPU, prompts are prefilled without padding (grouped by length), so
     attention runs SDPA's causal fast path: a padded batch needs an explicit mask, with
     which SDPA's CPU kernel is slow (8 aggregator prompts, 5k tokens: 4.7 s
@@ -30,6 +30,11 @@ measures the two side by side on the propose-and-aggregate workload):
     more slowly, copying it first): 0.37 against
     1.13 ms a layer at 32 rows x 200 positions, 0.34 against 0.46 at 8 x 700
     (benchmarks/probe_attention.py).
+What is promised: the same requests in the same batch with the same seeds give
+the same texts (same machine and software). A request's logits can differ in
+the last bits alone against batched, since the matmul kernels round by shape
+and CPU (a 2-core Intel Xeon with AVX-512 flipped a sampled token where an AMD
+EPYC did not), so a sampled text is not promised equal alone and batched.
 In float32, greedy output equals `generate(do_sample=False)` token for token
 (tests/test_hf_engine.py). In bf16 neither is bit-stable: rounding follows the
 matmul shapes, and `generate`'s own greedy text changes with its batch.
