@@ -32,6 +32,15 @@ def add_parser(sub) -> None:
     rep.add_argument("--title", default="Evaluation report", help="the report's title")
     rep.set_defaults(handler=report_main)
 
+    rs = esub.add_parser("rescore", help="check cached answers again with the current verifier (no model), "
+                                          "then rebuild the report",
+                         description="Re-extracts answers and verdicts of every cached record (majority vote and "
+                                     "verifier best-of-N re-pick among the stored samples); nothing is generated.")
+    rs.add_argument("out", help="the --out folder of `aft eval run`")
+    rs.add_argument("--n_boot", "--n-boot", type=int, default=2000, help="bootstrap replicates (default: 2000)")
+    rs.add_argument("--title", default="Evaluation report", help="the report's title")
+    rs.set_defaults(handler=rescore_main)
+
     ex = esub.add_parser("export", help="write AlpacaEval or MT-Bench (FastChat) answer files",
                          description="Answer open-ended prompts with any strategy but majority vote and write the "
                                      "file the standard judges read. Rerunning resumes.")
@@ -99,6 +108,19 @@ def run_main(args) -> int:
 def report_main(args) -> int:
     from ..evaluate.report import write_report
 
+    path = write_report(args.out, n_boot=args.n_boot, title=args.title)
+    print(f"report: {path}")
+    return 0
+
+
+def rescore_main(args) -> int:
+    from ..evaluate.report import write_report
+    from ..evaluate.rescore import rescore
+
+    files = rescore(args.out)
+    for f in files:
+        print(f"{f['file']}: {f['records']} records, {f['changed']} verdicts or answers changed, "
+              f"correct {f['before']} -> {f['after']}")
     path = write_report(args.out, n_boot=args.n_boot, title=args.title)
     print(f"report: {path}")
     return 0

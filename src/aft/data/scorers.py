@@ -55,7 +55,8 @@ class VerifierScorer(Scorer):
 
                 entry = rg_entry(item.meta)
             cfg = item.meta.get("task_config")
-            out.append([1.0 if is_correct(t, item.answer, task, entry, cfg) else 0.0 for t in ts])
+            q = item.meta.get("question")
+            out.append([1.0 if is_correct(t, item.answer, task, entry, cfg, question=q) else 0.0 for t in ts])
         return out
 
 

@@ -82,10 +82,55 @@ def summarize(found: dict, n_boot: int = 2000) -> list[dict]:
             "total_tokens": u["prompt_tokens"] + u["completion_tokens"], "generations": u["generations"],
             "seconds": u["seconds"], "num_parameters": params, **fl,
             "truncated": sum(r.get("finish_reason") == "length" for r in flat) / n,
+            "no_answer": (sum(r.get("extracted") is None for r in flat) / n
+                          if entry["meta"].get("task", {}).get("kind") in ("rg", "gsm8k") else None),
+            **pa_diagnostics(flat),
             "errors": sum("error" in r for r in flat),
             "_scores": scores, "_ids": ids,
         })
     return rows
+
+
+def _group(correct: list[bool]) -> str:
+    c = sum(correct)
+    return "0" if c == 0 else "all" if c == len(correct) else "1" if c == 1 else "2+"
+
+
+def pa_diagnostics(records: list[dict]) -> dict:
+    """P&A records only: accuracy grouped by how many of the first layer's proposals were correct
+    (0, 1, 2+ but not all, all), and how often the final answer is one of the proposals' answers."""
+    recs = [r for r in records if r.get("proposals_correct")]
+    if not recs:
+        return {}
+    groups: dict = {}
+    for r in recs:
+        g = groups.setdefault(_group(r["proposals_correct"]), [0, 0])
+        g[0] += 1
+        g[1] += bool(r.get("correct"))
+    answered = [r for r in recs if r.get("final_in_proposals") is not None]
+    new = [r for r in answered if not r["final_in_proposals"]]
+    return {"pa_by_correct": {k: {"questions": v[0], "accuracy": v[1] / v[0]} for k, v in groups.items()},
+            "final_in_proposals": sum(r["final_in_proposals"] for r in answered) / len(answered) if answered else None,
+            "final_new": len(new), "final_new_correct": sum(bool(r.get("correct")) for r in new)}
+
+
+def _diagnostics_section(trows: list[dict]) -> list[str]:
+    rows = [r for r in trows if r.get("pa_by_correct")]
+    if not rows:
+        return []
+    lines = ["P&A diagnostics (pooled over seeds): accuracy by how many of the K proposals were correct "
+             "[records], and how often the final answer equals some proposal's answer:", "",
+             "| model | strategy | 0 correct | 1 correct | 2+ (not all) | all correct | final = a proposal's answer "
+             "| new answers (correct) |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        cells = []
+        for g in ("0", "1", "2+", "all"):
+            v = r["pa_by_correct"].get(g)
+            cells.append(f"{v['accuracy']:.2f} [{v['questions']}]" if v else "-")
+        fin = "-" if r["final_in_proposals"] is None else f"{r['final_in_proposals']:.0%}"
+        lines.append(f"| {r['label']} | {r['strategy_label']} | {' | '.join(cells)} | {fin} | "
+                     f"{r['final_new']} ({r['final_new_correct']}) |")
+    return lines + [""]
 
 
 def _fmt_flops(x):
@@ -106,6 +151,7 @@ def write_report(out: str | Path, n_boot: int = 2000, title: str = "Evaluation r
              "Accuracy: mean over seeds x questions, [95% bootstrap interval resampling seeds and questions]. "
              "Compute per query, measured: prompt tokens processed (prefill; a request's n samples share one), "
              "generated tokens (decode), GFLOPs = 2 x parameters x tokens, wall seconds as measured when generated. "
+             "No answer: the share of responses from which the verifier extracts no answer. "
              "Best-of-N with the verifier is an ORACLE (it reads the reference answer): an upper bound, not a "
              "deployable method.", ""]
     for label in labels:
@@ -121,16 +167,18 @@ def write_report(out: str | Path, n_boot: int = 2000, title: str = "Evaluation r
         trows = [r for r in rows if r["task"] == task]
         lines += [f"## {task}", "",
                   "| model | strategy | accuracy [95% CI] | seeds x questions | generations | prompt tok | gen tok | "
-                  "total tok | prefill GFLOP | decode GFLOP | wall s | cut at max_tokens |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "total tok | prefill GFLOP | decode GFLOP | wall s | cut at max_tokens | no answer |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in sorted(trows, key=lambda r: (labels.index(r["label"]), r["total_tokens"])):
             name = r["strategy_label"].replace("ORACLE", "**ORACLE**")
             lines.append(
                 f"| {r['label']} | {name} | {r['accuracy']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}] | "
                 f"{len(r['seeds'])} x {r['questions']} | {r['generations']:.1f} | {r['prompt_tokens']:.0f} | "
                 f"{r['completion_tokens']:.0f} | {r['total_tokens']:.0f} | {_fmt_flops(r['prefill_flops'])} | "
-                f"{_fmt_flops(r['decode_flops'])} | {r['seconds']:.2f} | {r['truncated']:.0%} |")
+                f"{_fmt_flops(r['decode_flops'])} | {r['seconds']:.2f} | {r['truncated']:.0%} | "
+                f"{'-' if r['no_answer'] is None else format(r['no_answer'], '.0%')} |")
         lines.append("")
+        lines += _diagnostics_section(trows)
         lines += _paired_section(trows, labels)
         for kind, fname in (("tokens", f"acc_vs_tokens-{task}.png"), ("flops", f"acc_vs_flops-{task}.png")):
             if _plot_compute(trows, out / fname, kind, task):

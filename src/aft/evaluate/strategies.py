@@ -189,27 +189,43 @@ def run_strategy(engine: Engine, task: Task, items: list, strategy: Strategy, sa
                 rec["candidates"] = [{"text": t, "tokens": c.tokens, "finish_reason": c.finish_reason}
                                      for t, c in zip(texts, res.completions)]
             records.append(rec)
-        if strategy.kind == "majority":
-            for rec in records:
-                texts = [c["text"] for c in rec["candidates"]]
-                votes = [answer_key(t) for t in texts]
-                for c, v in zip(rec["candidates"], votes):
-                    c["vote"] = v
-                pick = majority_pick(votes)
-                rec["response"] = texts[pick]
-                rec["finish_reason"] = rec["candidates"][pick]["finish_reason"]
-                rec["picked"] = pick
-        elif strategy.kind == "best_of_n":
-            _best_of_n(task, items, records, strategy, scorer)
-    out = []
-    for it, rec in zip(items, records):
-        response = rec.get("response")
-        rec["extracted"] = extract_answer(response) if task.has_answers else None
-        rec["reference"] = it.answer
-        ok = task.check(it, response) if "error" not in rec else False
-        rec["correct"] = None if ok is None else bool(ok)
-        out.append(rec)
-    return out
+        if strategy.kind == "best_of_n" and strategy.scorer != "verifier":
+            _reward_scores(items, records, scorer)
+    return [finish_record(task, it, rec, strategy) for it, rec in zip(items, records)]
+
+
+def finish_record(task: Task, item, rec: dict, strategy: Strategy) -> dict:
+    """Everything a record's verdict depends on, from its generated texts: the pick of majority vote and of
+    best-of-N with the verifier, the extracted answer, `correct`, and for P&A which proposals were correct
+    and whether the final answer is one of theirs. `aft eval rescore` calls this again on cached records."""
+    question = item.meta.get("question")
+    if strategy.kind == "majority":
+        votes = [answer_key(c["text"], question) for c in rec["candidates"]]
+        for c, v in zip(rec["candidates"], votes):
+            c["vote"] = v
+        _pick(rec, majority_pick(votes))
+    elif strategy.kind == "best_of_n":
+        if strategy.scorer == "verifier":
+            for c in rec["candidates"]:
+                c["score"] = 1.0 if task.check(item, c["text"]) else 0.0
+        _pick(rec, best_pick([c.get("score") for c in rec["candidates"]]))
+    response = rec.get("response")
+    rec["extracted"] = extract_answer(response, question) if task.has_answers else None
+    rec["reference"] = item.answer
+    ok = task.check(item, response) if "error" not in rec else False
+    rec["correct"] = None if ok is None else bool(ok)
+    if strategy.kind == "pa" and rec.get("trace") and task.has_answers:
+        proposals = [o["text"] for o in rec["trace"][0]["outputs"]]
+        rec["proposals_correct"] = [bool(task.check(item, t)) for t in proposals]
+        final = answer_key(response, question) if response is not None else None
+        rec["final_in_proposals"] = None if final is None else final in {answer_key(t, question) for t in proposals}
+    return rec
+
+
+def _pick(rec: dict, pick: int) -> None:
+    rec["picked"] = pick
+    rec["response"] = rec["candidates"][pick]["text"]
+    rec["finish_reason"] = rec["candidates"][pick]["finish_reason"]
 
 
 def majority_pick(votes: list[str | None]) -> int:
@@ -230,26 +246,19 @@ def majority_pick(votes: list[str | None]) -> int:
     return min(first[v] for v, c in counts.items() if c == best)
 
 
-def _best_of_n(task: Task, items, records, strategy: Strategy, scorer) -> None:
+def _reward_scores(items, records, scorer) -> None:
+    """Best-of-N with a reward model: each candidate's score (the pick is made in finish_record)."""
+    if scorer is None:
+        raise AftError("best_of_n with scorer=reward_model needs `reward_model` (a sequence-classification "
+                       "model folder)")
     texts = [[c["text"] for c in rec["candidates"]] for rec in records]
-    if strategy.scorer == "verifier":
-        scores = [[1.0 if task.check(it, t) else 0.0 for t in ts] for it, ts in zip(items, texts)]
-    else:
-        if scorer is None:
-            raise AftError("best_of_n with scorer=reward_model needs `reward_model` (a sequence-classification "
-                           "model folder)")
-        scores = scorer.score(items, texts)
-        counter = getattr(scorer, "tok", None)
-        for it, ts, rec in zip(items, texts, records):
-            if counter is not None:
-                rec["scorer_tokens"] = sum(len(counter(scorer.render(it.query, t))["input_ids"]) for t in ts)
-    for rec, sc in zip(records, scores):
-        for c, s in zip(rec["candidates"], sc):
-            c["score"] = s
-        pick = best_pick(sc)
-        rec["picked"] = pick
-        rec["response"] = rec["candidates"][pick]["text"]
-        rec["finish_reason"] = rec["candidates"][pick]["finish_reason"]
+    scores = scorer.score(items, texts)
+    counter = getattr(scorer, "tok", None)
+    for it, ts, rec, sc in zip(items, texts, records, scores):
+        if counter is not None:
+            rec["scorer_tokens"] = sum(len(counter(scorer.render(it.query, t))["input_ids"]) for t in ts)
+        for c, v in zip(rec["candidates"], sc):
+            c["score"] = v
 
 
 def best_pick(scores: list[float | None]) -> int:

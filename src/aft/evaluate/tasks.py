@@ -55,15 +55,16 @@ class Task:
             return follows_all(item.meta["ifeval"], response or "")
         task = item.meta.get("task")
         entry = rg_entry(item.meta) if task else None
-        return is_correct(response, item.answer, task, entry, item.meta.get("task_config"))
+        return is_correct(response, item.answer, task, entry, item.meta.get("task_config"),
+                          question=item.meta.get("question"))
 
     def describe(self) -> dict:
         return {"name": self.name, "kind": self.kind, "spec": self.spec, "questions": len(self.items)}
 
 
-def answer_key(response: str | None) -> str | None:
+def answer_key(response: str | None, question: str | None = None) -> str | None:
     """The vote of one response: its extracted answer, numbers canonicalised ("1,000" = "1000.0" = "1000")."""
-    ans = extract_answer(response)
+    ans = extract_answer(response, question)
     if ans is None:
         return None
     num = parse_number(ans)
