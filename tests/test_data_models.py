@@ -31,7 +31,13 @@ ONPOLICY = dict(task="arith1", n_prompts=2, eval_size=10, proposals="on_policy",
 
 
 def test_on_policy_chat_model_verifier_best(tmp_path, tiny_engine):
-    cfg = DataConfig(out=str(tmp_path / "o"), target="best", scorer="verifier", **ONPOLICY)
+    # the random model never stops within 6 tokens: every candidate is cut, so none may be the target
+    best = run_build(DataConfig(out=str(tmp_path / "b"), target="best", scorer="verifier", **ONPOLICY),
+                     Resources(proposer=tiny_engine))
+    assert best.rows == 0 and best.skipped == 2
+    assert {r["reason"] for r in rows(tmp_path / "b" / "skipped.jsonl")} == {
+        "target best needs a scored proposal not cut at max_tokens"}
+    cfg = DataConfig(out=str(tmp_path / "o"), target="reference", scorer="verifier", **ONPOLICY)
     s = run_build(cfg, Resources(proposer=tiny_engine))
     got = rows(tmp_path / "o" / "aft.jsonl")
     assert s.rows == 2 and len(got) == 2 and s.generated_tokens > 0
@@ -48,7 +54,7 @@ def test_on_policy_chat_model_verifier_best(tmp_path, tiny_engine):
     texts = [c.text for c in res.completions]
     kept = [texts[int(i[1:])] for i in m["proposals"]]
     assert r["prompt"] == aggregator_messages(query, kept)
-    assert r["completion"][0]["content"] in kept  # best = a proposal
+    assert r["completion"][0]["content"] == "Answer: " + m["answer"]  # the reference target
     assert [c["seed"] for c in m["candidates"]] == res.seeds
     assert all(c["score"] in (0.0, 1.0) for c in m["candidates"])
     assert json.loads((tmp_path / "o" / "data_card.json").read_text())["scores"]["verifier"]
@@ -66,7 +72,7 @@ def test_on_policy_base_model_gets_demonstrations_prompt(tmp_path, embedded_dir)
     text = demonstration_prompt(query, demos)
     assert eng.render([{"role": "user", "content": text}]) == text  # sent as raw text, no chat markup
     assert text.endswith("# Query:\nCalculate 2 + 2.\n\n# Answer:\n") and demos[0]["query"] in text
-    s = run_build(DataConfig(out=str(tmp_path / "o"), target="best", scorer="verifier", **ONPOLICY),
+    s = run_build(DataConfig(out=str(tmp_path / "o"), target="reference", scorer="verifier", **ONPOLICY),
                   Resources(proposer=eng))
     got = rows(tmp_path / "o" / "aft.jsonl")
     assert s.rows == 2 and got[0]["meta"]["proposal_prompt"] == "demonstrations"

@@ -8,6 +8,11 @@ samples from the model to be trained, top K kept by a scorer), then a target
     <out>/sft.jsonl          prompt = proposer_messages(query)               -> same target
     <out>/aft_noprop.jsonl   (--no_proposals) the "no proposals" ablation: query -> the
                              aggregation; same rows as sft.jsonl, marked as the ablation
+    <out>/aft_pseudo.jsonl   (--pseudo_aggregation) the paper's pseudo-aggregation ablation:
+                             the aft.jsonl prompt -> the teacher's solution written WITHOUT the
+                             proposals (the program teacher's solve(); a teacher model answers
+                             the query alone); sft.jsonl then gets that solution too, since an
+                             SFT model never sees proposals to review
 
 all TRL conversational prompt-completion rows ({"id", "prompt", "completion", "meta"}).
 Around that: the whole input is read and checked first (bad rows skipped or the
@@ -35,7 +40,7 @@ from . import card as cardlib
 from .onpolicy import clean_proposal, load_demonstrations, load_model_engine, proposal_messages
 from .scorers import SCORERS, JudgeScorer, RewardModelScorer, Scorer, VerifierScorer
 from .sources import SCHEMAS, SELECT, Item, Proposal, RowError, read_items, select, shard_slice
-from .targets import TARGETS, best_index, teacher_requests, training_prompt
+from .targets import PROGRAM, TARGETS, ProgramTeacher, best_index, teacher_requests, training_prompt
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +94,8 @@ class DataConfig:
     # --- target
     target: str = opt("teacher", "teacher aggregation, best proposal, or reference (pseudo-aggregation)",
                       choices=TARGETS)
-    teacher: str | None = opt(None, "teacher model (any --model value; e.g. http://host:8000/v1#Llama-70B)")
+    teacher: str | None = opt(None, "teacher model (any --model value; e.g. http://host:8000/v1#Llama-70B), or "
+                              "'program': a correct worked solution that reviews the proposals (reasoning-gym)")
     teacher_engine: str = opt("auto", "engine of the teacher", choices=("auto", "hf", "openai", "vllm"))
     teacher_temperature: float = opt(0.0, "teacher temperature (0 = greedy)")
     teacher_top_p: float = opt(1.0, "teacher top-p")
@@ -97,6 +103,8 @@ class DataConfig:
     min_target_score: float | None = opt(None, "drop rows whose target scores below this (e.g. 1 with the verifier: "
                                          "keep only verified-correct targets; counted in skipped.jsonl)")
     no_proposals: bool = opt(False, "also write aft_noprop.jsonl (the no-proposals ablation: query -> aggregation)")
+    pseudo_aggregation: bool = opt(False, "also write aft_pseudo.jsonl (the same prompts -> the teacher's solution "
+                                   "written without the proposals); sft.jsonl gets that solution too")
     # --- prompts, seeds, run
     style: str = opt("aft", "prompt style (aft = the released checkpoints' prompts)", choices=STYLES)
     template_file: str | None = opt(None, "a file with your own aggregator preamble (overrides style)")
@@ -121,13 +129,13 @@ RUN_KEYS = ("out", "batch_size", "shard", "on_error", "dtype", "device", "max_co
 
 
 # Keys added after the first release: hashed only when set, so older outputs stay resumable.
-HASH_IF_SET = ("min_target_score",)
+HASH_IF_SET = ("min_target_score", "pseudo_aggregation")
 
 
 def config_hash(cfg: DataConfig) -> str:
     d = cfglib.to_dict(cfg)
     return cfglib.fingerprint({k: v for k, v in d.items()
-                               if k not in RUN_KEYS and not (k in HASH_IF_SET and v is None)})
+                               if k not in RUN_KEYS and not (k in HASH_IF_SET and v in (None, False))})
 
 
 def load_config(config_file: str | None, flags: dict) -> DataConfig:
@@ -152,6 +160,8 @@ def check_config(cfg: DataConfig) -> None:
         raise AftError("scorer reward_model needs --reward_model (a sequence-classification model folder)")
     if cfg.scorer == "judge" and not cfg.judge_model:
         raise AftError("scorer judge needs --judge_model")
+    if cfg.pseudo_aggregation and cfg.target != "teacher":
+        raise AftError("--pseudo_aggregation needs --target teacher (the teacher writes the solution)")
     if cfg.target == "teacher" and not cfg.teacher:
         raise AftError("target teacher needs --teacher (any model: folder, smollm2-135m, http://host:port/v1#name, "
                        "vllm:...); or use --target best (verifiable tasks) or reference")
@@ -237,6 +247,8 @@ def _prepare(cfg: DataConfig, res: Resources, on_policy: bool, scorer_name: str)
         res.proposer = engine_for(cfg.model, cfg.engine)
     if res.proposer is not None:
         cache[(cfg.model, cfg.engine)] = res.proposer
+    if cfg.target == "teacher" and res.teacher is None and cfg.teacher == PROGRAM:
+        res.teacher = ProgramTeacher()
     if cfg.target == "teacher" and res.teacher is None:
         same = cfg.teacher_engine == cfg.engine or cfg.teacher_engine == "auto"
         res.teacher = cache.get((cfg.teacher, cfg.engine)) if same else None
@@ -265,7 +277,7 @@ class Summary:
     card: dict | None = None
 
 
-OUTPUTS = ("aft.jsonl", "sft.jsonl", "aft_noprop.jsonl", "skipped.jsonl")
+OUTPUTS = ("aft.jsonl", "sft.jsonl", "aft_noprop.jsonl", "aft_pseudo.jsonl", "skipped.jsonl")
 
 
 def out_dir(cfg: DataConfig) -> Path:
@@ -301,6 +313,7 @@ def _build_locked(cfg: DataConfig, res: Resources, style: PromptStyle, rows: lis
     aft = JsonlAppender(out / "aft.jsonl")
     sft = JsonlAppender(out / "sft.jsonl")
     noprop = JsonlAppender(out / "aft_noprop.jsonl") if cfg.no_proposals else None
+    pseudo = JsonlAppender(out / "aft_pseudo.jsonl") if cfg.pseudo_aggregation else None
     skipped = JsonlAppender(out / "skipped.jsonl")
     try:
         done = aft.done | skipped.done
@@ -328,6 +341,8 @@ def _build_locked(cfg: DataConfig, res: Resources, style: PromptStyle, rows: lis
                 sft.write(rec["sft"])
                 if noprop is not None:
                     noprop.write(rec["noprop"])
+                if pseudo is not None:
+                    pseudo.write(rec["pseudo"])
                 aft.write(rec["aft"])  # last: aft.jsonl decides what is done
                 summary.rows += 1
             summary.generated_tokens = builder.tokens
@@ -335,7 +350,7 @@ def _build_locked(cfg: DataConfig, res: Resources, style: PromptStyle, rows: lis
             if progress:
                 progress(summary.resumed + s + len(chunk), len(items), builder.tokens)
     finally:
-        for f in (aft, sft, noprop, skipped):
+        for f in (aft, sft, noprop, pseudo, skipped):
             if f is not None:
                 f.close()
         for obj in res.owned:
@@ -366,7 +381,7 @@ def _trim_partial(out: Path, no_proposals: bool) -> None:
         return
     JsonlAppender(out / "aft.jsonl").close()  # repairs a torn last line
     done = {str(r["id"]) for _, r in read_jsonl(out / "aft.jsonl") if "id" in r}
-    for name in ("sft.jsonl", "aft_noprop.jsonl"):
+    for name in ("sft.jsonl", "aft_noprop.jsonl", "aft_pseudo.jsonl"):
         p = out / name
         if not p.exists():
             continue
@@ -445,15 +460,15 @@ class _Builder:
         # targets
         targets: dict[int, dict] = {}
         prompts: dict[int, tuple] = {}
-        teacher = self.res.teacher if cfg.target == "teacher" else None
+        teacher = self.res.teacher if cfg.target == "teacher" and isinstance(self.res.teacher, Engine) else None
         for i, idx in chosen.items():
             props = [cands[i][j] for j in idx]
             prompts[i] = training_prompt(chunk[i].query, [p.text for p in props], self.style, teacher,
                                          cfg.teacher_max_tokens)
             if cfg.target == "best":
-                b = best_index(props)
+                b = best_index(props, derive_seed(cfg.seed, chunk[i].id, "best"))
                 if b is None:
-                    recs[i] = {"skip": "target best needs scored proposals"}
+                    recs[i] = {"skip": "target best needs a scored proposal not cut at max_tokens"}
                     continue
                 targets[i] = {"text": props[b].text, "source_id": props[b].id, "score": props[b].score,
                               "tokens": props[b].tokens, "finish_reason": props[b].finish_reason, "seed": props[b].seed}
@@ -485,19 +500,39 @@ class _Builder:
         return recs
 
     def _teach(self, chunk, chosen, prompts, targets, recs) -> None:
+        """The teacher's aggregation of each row (and, for --pseudo_aggregation, its solution without the
+        proposals, in targets[i]["solution"]); a teacher model's finish reason is kept in the row's meta."""
         cfg, eng = self.cfg, self.res.teacher
-        params = SamplingParams(n=1, temperature=cfg.teacher_temperature, top_p=cfg.teacher_top_p,
-                                max_tokens=cfg.teacher_max_tokens)
         ids = [i for i in chosen if "skip" not in recs[i]]
-        seeds = [derive_seed(cfg.seed, chunk[i].id, "teacher") for i in ids]
         if not ids:
             return
-        results = eng.generate(teacher_requests([prompts[i][0] for i in ids], params, seeds))
-        for i, sd, r in zip(ids, seeds, results):
+        if isinstance(eng, ProgramTeacher):
+            for i in ids:
+                if chunk[i].answer is None:
+                    recs[i] = {"skip": "the program teacher needs a reference answer"}
+                    continue
+                texts = prompts[i][1]
+                targets[i] = {"text": eng.aggregate(chunk[i], texts), "source_id": PROGRAM, "score": None,
+                              "tokens": None, "finish_reason": None, "seed": None,
+                              "solution": eng.solve(chunk[i]) if cfg.pseudo_aggregation else None}
+            return
+        params = SamplingParams(n=1, temperature=cfg.teacher_temperature, top_p=cfg.teacher_top_p,
+                                max_tokens=cfg.teacher_max_tokens)
+        seeds = [derive_seed(cfg.seed, chunk[i].id, "teacher") for i in ids]
+        prompts_ = [prompts[i][0] for i in ids]
+        if cfg.pseudo_aggregation:  # the same teacher, asked the query alone
+            prompts_ += [proposer_messages(chunk[i].query, self.style) for i in ids]
+        results = eng.generate(teacher_requests(prompts_, params, seeds + seeds))
+        solutions = results[len(ids):]
+        for n, (i, sd, r) in enumerate(zip(ids, seeds, results)):
             c = r.completions[0]
             self.tokens += c.tokens
+            sol = solutions[n].completions[0] if solutions else None
+            if sol is not None:
+                self.tokens += sol.tokens
             targets[i] = {"text": c.text.strip(), "source_id": "teacher", "score": None, "tokens": c.tokens,
-                          "finish_reason": c.finish_reason, "seed": sd}
+                          "finish_reason": c.finish_reason, "seed": sd,
+                          "solution": sol.text.strip() if sol is not None else None}
 
     def _rows(self, item: Item, cands: list[Proposal], idx: list[int], dataset_scores: list, prompt: tuple,
               target: dict) -> dict:
@@ -537,12 +572,17 @@ class _Builder:
             "config_hash": self.chash,
         }
         completion = [{"role": "assistant", "content": target["text"]}]
+        solution = target.get("solution")
+        sft_completion = [{"role": "assistant", "content": solution}] if solution else completion
         query_prompt = proposer_messages(item.query, self.style)
         return {
             "aft": {"id": item.id, "prompt": messages, "completion": completion, "meta": {**meta, "variant": "aft"}},
-            "sft": {"id": item.id, "prompt": query_prompt, "completion": completion, "meta": {**meta, "variant": "sft"}},
+            "sft": {"id": item.id, "prompt": query_prompt, "completion": sft_completion,
+                    "meta": {**meta, "variant": "sft"}},
             "noprop": {"id": item.id, "prompt": query_prompt, "completion": completion,
                        "meta": {**meta, "variant": "no_proposals"}},
+            "pseudo": {"id": item.id, "prompt": messages, "completion": sft_completion,
+                       "meta": {**meta, "variant": "pseudo_aggregation"}},
         }
 
 

@@ -221,7 +221,7 @@ SELECT = ("top", "random", "all")
 def select(proposals: list[Proposal], k: int, mode: str, seed: int) -> list[int]:
     """Indices of the proposals to keep, in their original order.
 
-    top: the k best scores (ties: earlier first; unscored count as worst);
+    top: the k best scores (ties broken at random with `seed`; unscored count as worst);
     random: k drawn with `seed`; all: every one. Kept in original (sample) order
     so the position of a proposal says nothing about its score, as at inference.
     """
@@ -235,10 +235,20 @@ def select(proposals: list[Proposal], k: int, mode: str, seed: int) -> list[int]
     if mode == "top":
         if all(p.score is None for p in proposals):
             raise AftError("top-K selection needs scores: give a scorer or a dataset with scores")
-        ranked = sorted(range(n), key=lambda i: (-(proposals[i].score if proposals[i].score is not None
-                                                   else -math.inf), i))
-        return sorted(ranked[:k])
+        return sorted(ranked(proposals, seed)[:k])
     raise AftError(f"unknown selection {mode!r}; choose one of {', '.join(SELECT)}")
+
+
+def ranked(proposals: list[Proposal], seed: int) -> list[int]:
+    """Indices from the best score to the worst; equal scores in a random order drawn with `seed`
+    (not sample order: that would favour the first samples)."""
+    tie = list(range(len(proposals)))
+    random.Random(seed).shuffle(tie)
+
+    def score(p: Proposal) -> float:
+        return -math.inf if p.score is None or math.isnan(p.score) else p.score
+
+    return sorted(range(len(proposals)), key=lambda i: (-score(proposals[i]), tie[i]))
 
 
 def shard_slice(seq: list, shard: str) -> tuple[list, int, int]:

@@ -1,9 +1,12 @@
 """Targets: the aggregation the model learns to write.
 
     teacher    any engine answers exactly the aggregator messages the student
-               will see at inference (`prompts.aggregator_messages`)
-    best       the best-scored of the K proposals (cheap; for verifiable tasks)
-    reference  the dataset's own reference answer ("pseudo-aggregation" ablation)
+               will see at inference (`prompts.aggregator_messages`); or, with
+               `--teacher program`, `ProgramTeacher` writes it for reasoning-gym
+               tasks (a correct worked solution that reviews the proposals)
+    best       the best-scored of the K proposals (cheap; for verifiable tasks;
+               its ceiling is oracle best-of-K: it can only select)
+    reference  the dataset's own reference answer
 
 The `no-proposals` ablation is not a target but a prompt variant (query ->
 the same target): see build.py.
@@ -15,15 +18,99 @@ import math
 
 from ..engines.base import Engine, Request, SamplingParams
 from ..prompts import PromptStyle, aggregator_messages, fit_proposals
-from .sources import Proposal
+from .sources import Item, Proposal, ranked
+from .verify import extract_answer, is_correct
 
 TARGETS = ("teacher", "best", "reference")
+PROGRAM = "program"  # the --teacher value of the programmatic teacher
 
 
-def best_index(proposals: list[Proposal]) -> int | None:
-    """The highest-scored proposal (ties: the earlier one); None when none is scored."""
-    scored = [(p.score, -i) for i, p in enumerate(proposals) if p.score is not None and not math.isnan(p.score)]
-    return -max(scored)[1] if scored else None
+def best_index(proposals: list[Proposal], seed: int) -> int | None:
+    """The highest-scored proposal that was not cut at max_tokens (ties: drawn with `seed`); None when there is
+    no such scored proposal."""
+    usable = [i for i in ranked(proposals, seed)
+              if proposals[i].finish_reason != "length" and proposals[i].score is not None
+              and not math.isnan(proposals[i].score)]
+    return usable[0] if usable else None
+
+
+class ProgramTeacher:
+    """A teacher that knows the answer: for reasoning-gym items (their reference answer and expression).
+
+    `aggregate(item, proposals)` writes a short, correct worked solution in the embedded model's own
+    style ("4 + 5 = 9"), ending with "Answer: x", after one line that reviews the proposals: which reach
+    the right answer, which answer something else (and that the right value is x), which give none.
+    `solve(item)` writes the same solution without the review: the pseudo-aggregation and SFT target.
+    It stands in for a strong teacher model; a model behind an endpoint takes its place through the same
+    --teacher option.
+    """
+
+    model = PROGRAM
+
+    def solve(self, item: Item) -> str:
+        meta = _rg_meta(item)
+        answer = item.answer
+        if isinstance(meta.get("answer_cot"), str) and meta["answer_cot"].strip():  # gsm_symbolic: its own steps
+            steps = meta["answer_cot"].strip()
+        elif meta.get("expression"):
+            steps = f"{meta['expression']} = {answer}"
+        else:
+            steps = f"The answer is {answer}."
+        return f"{steps}\nAnswer: {answer}"
+
+    def review(self, item: Item, proposals: list[str]) -> str:
+        question = item.meta.get("question")
+        task, entry, cfg = item.meta.get("task"), _entry(item), item.meta.get("task_config")
+        right, none, wrong = [], [], {}
+        for j, text in enumerate(proposals, 1):
+            if is_correct(text, item.answer, task, entry, cfg, question=question):
+                right.append(j)
+                continue
+            got = extract_answer(text, question)
+            if got is None:
+                none.append(j)
+            else:
+                wrong.setdefault(got, []).append(j)
+        parts = []
+        if right:
+            parts.append(f"{_names(right)} {'gets' if len(right) == 1 else 'get'} {item.answer}, which is right.")
+        else:
+            parts.append("None of the responses is right.")
+        for got, js in wrong.items():
+            parts.append(f"{_names(js)} {'gets' if len(js) == 1 else 'get'} {got}, but the answer is {item.answer}.")
+        if none:
+            parts.append(f"{_names(none)} {'gives' if len(none) == 1 else 'give'} no answer.")
+        return " ".join(parts)
+
+    def aggregate(self, item: Item, proposals: list[str]) -> str:
+        return self.review(item, proposals) + "\n" + self.solve(item)
+
+    def describe(self) -> dict:
+        return {"engine": "program", "model": PROGRAM}
+
+    def close(self) -> None:
+        pass
+
+
+def _names(js: list[int]) -> str:
+    if len(js) == 1:
+        return f"Response {js[0]}"
+    return "Responses " + ", ".join(map(str, js[:-1])) + f" and {js[-1]}"
+
+
+def _rg_meta(item: Item) -> dict:
+    import json
+
+    raw = item.meta.get("rg_metadata")
+    return json.loads(raw) if raw else {}
+
+
+def _entry(item: Item) -> dict | None:
+    if not item.meta.get("task"):
+        return None
+    from .reasoning_gym import rg_entry
+
+    return rg_entry(item.meta)
 
 
 def training_prompt(query: list[dict], texts: list[str], style: PromptStyle, engine: Engine | None,
