@@ -65,8 +65,8 @@ class FakeLLM:
         self.llm_engine = NS(model_config=NS(max_model_len=kw.get("max_model_len") or 2048))
 
     def get_tokenizer(self):
-        return NS(apply_chat_template=lambda m, tokenize, add_generation_prompt: "|".join(x["content"] for x in m),
-                  encode=lambda text, add_special_tokens: list(text))
+        return NS(apply_chat_template=lambda m, tokenize, add_generation_prompt, **kw: "|".join(x["content"] for x in m),
+                  encode=lambda text, add_special_tokens: list(text), chat_template="{{ the model's own }}")
 
     def chat(self, messages, sampling_params=None, use_tqdm=True, chat_template=None):
         FakeLLM.calls.append((messages, sampling_params, use_tqdm))
@@ -94,3 +94,52 @@ def test_generate_is_one_batched_chat_call(monkeypatch):
     assert [[c.text for c in r.completions] for r in results] == [["x-0", "x-1"], ["y-0"]]
     with pytest.raises(AftError, match="data-parallel-size"):
         VLLMEngine("m", data_parallel_size=2)
+
+
+def test_chat_template_falls_back_to_chatml_and_close_frees_the_engine(monkeypatch):
+    from aft.engines.base import CHATML_TEMPLATE
+    from aft.engines.vllm import pick_chat_template
+
+    assert pick_chat_template(None, None) is CHATML_TEMPLATE  # a base model: ChatML, as the hf engine
+    assert pick_chat_template(None, "{{ own }}") is None  # the tokenizer's own template
+    assert pick_chat_template("{{ given }}", "{{ own }}") == "{{ given }}"
+
+    shut = []
+
+    class BaseModelLLM(FakeLLM):
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            self.llm_engine.shutdown = lambda: shut.append(True)
+
+        def get_tokenizer(self):
+            tok = super().get_tokenizer()
+            tok.chat_template = None
+            return tok
+
+    fake = types.ModuleType("vllm")
+    fake.LLM = BaseModelLLM
+    fake.SamplingParams = lambda **kw: NS(**kw)
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    FakeLLM.calls.clear()
+    seen = []
+    BaseModelLLM.chat = lambda self, m, sampling_params=None, use_tqdm=True, chat_template=None: (
+        seen.append(chat_template) or FakeLLM.chat(self, m, sampling_params, use_tqdm, chat_template))
+    eng = VLLMEngine("base-model")
+    eng.generate([Request([{"role": "user", "content": "x"}], SamplingParams())])
+    assert seen == [CHATML_TEMPLATE]
+    eng.close()
+    assert shut == [True] and eng.llm is None
+    eng.close()  # twice is fine
+    assert shut == [True]
+
+
+def test_two_vllm_models_in_one_data_build_share_the_gpu():
+    from aft.data.build import DataConfig, vllm_models
+    from aft.engines.vllm import memory_shares
+
+    cfg = DataConfig(out="o", model="vllm:org/base", target="teacher", teacher="vllm:org/teacher")
+    assert vllm_models(cfg, on_policy=True, scorer_name="none") == {"org/base", "org/teacher"}
+    assert memory_shares(2) == 0.45  # each engine's gpu_memory_utilization
+    assert vllm_models(cfg, on_policy=False, scorer_name="none") == {"org/teacher"}  # off-policy: no proposer
+    same = DataConfig(out="o", model="vllm:org/base", target="teacher", teacher="vllm:org/base")
+    assert len(vllm_models(same, on_policy=True, scorer_name="none")) == 1  # one model, loaded once

@@ -304,37 +304,23 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_model(model: str, dtype: str = "auto", load_in_4bit: bool = False, chat_template: str | None = None):
-    """(model, tokenizer, end-of-turn id, the base's --model string) for training or scoring."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_model(model: str, dtype: str = "auto", load_in_4bit: bool = False, chat_template: str | None = None,
+               use_peft: bool = True):
+    """(model, tokenizer, end-of-turn id, the base's --model string) for training or scoring.
 
-    from .engines.hf import pick_dtype
+    Weights go to this process's device (cuda:$LOCAL_RANK, or the CPU), typed by
+    aft.loading.training_dtype; under ZeRO-3 call it after `sft_config` (see run_train).
+    """
+    from .loading import default_device, load_pretrained, sharding, training_dtype
     from .models import resolve
 
     spec = resolve(model)
     if spec.kind != "hf":
         raise AftError(f"{model}: training needs local weights (a model folder, adapter folder, hub id or the "
                        f"embedded model), not a {spec.kind} endpoint")
-    device = _device()
-    torch_dtype = torch.float32 if dtype == "auto" and device == "cpu" else pick_dtype(dtype, device)
-    kw = {"dtype": torch_dtype}
-    if load_in_4bit:
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise AftError("load_in_4bit (QLoRA) needs bitsandbytes: pip install bitsandbytes") from None
-        from transformers import BitsAndBytesConfig
-
-        kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                       bnb_4bit_compute_dtype=torch.bfloat16,
-                                                       bnb_4bit_use_double_quant=True)
-    tok = AutoTokenizer.from_pretrained(spec.adapter or spec.path)
-    lm = AutoModelForCausalLM.from_pretrained(spec.path, **kw)
-    if spec.adapter:
-        from peft import PeftModel
-
-        lm = PeftModel.from_pretrained(lm, spec.adapter).merge_and_unload()
+    device, shard = default_device(), sharding()
+    lm, tok = load_pretrained(spec.path, adapter=spec.adapter, dtype=training_dtype(dtype, device, use_peft, shard),
+                              device=device, load_in_4bit=load_in_4bit, shard=shard)
     eot = setup_chat_template(tok, chat_template)
     add_eos(lm, eot)
     base = model
@@ -364,17 +350,49 @@ class TrainResult:
     trainer: object = None  # the SFTTrainer, its model still in memory
 
 
-def build_trainer(cfg: TrainConfig, lm, tok, train_rows: list[dict], eval_rows: list[dict] | None = None,
-                  base: str | None = None):
-    """SFTTrainer on pre-tokenized rows (input_ids + labels); LoRA through peft_config."""
-    from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
+def check_packages(cfg: TrainConfig) -> None:
+    """Optional packages the config asks for, named with the extra that installs them (before any work)."""
+    import importlib.util
 
-    on_gpu = _device() == "cuda"
+    from .loading import sharding
+
+    if "tensorboard" in cfg.report_to and not (importlib.util.find_spec("tensorboard")
+                                               or importlib.util.find_spec("tensorboardX")):
+        raise AftError("report_to tensorboard needs the tensorboard package: pip install 'aft[tensorboard]' "
+                       "(or report_to: [none])")
+    deepspeed = (sharding() or "").startswith("zero") or cfg.sft_args.get("deepspeed")
+    if deepspeed and importlib.util.find_spec("deepspeed") is None:
+        raise AftError("a DeepSpeed config (configs/accelerate/zero*.yaml or deepspeed:) needs the deepspeed "
+                       "package: pip install 'aft[deepspeed]'")
+
+
+def checkpointing_args(cfg: TrainConfig, shard: str | None) -> dict:
+    """SFTConfig fields for activation (gradient) checkpointing.
+
+    LoRA under ZeRO-3 needs reentrant checkpointing. TRL sets it after the config is built, in
+    `gradient_checkpointing_kwargs`, a fresh dict when none was given; transformers 5 reads
+    `activation_checkpointing_kwargs` (default use_reentrant=False) and would never see it
+    (CheckpointError at the first backward). So we say it ourselves, in the name transformers reads.
+    """
+    key = "activation_checkpointing" if "activation_checkpointing" in sft_config_fields() else "gradient_checkpointing"
+    out: dict = {key: cfg.gradient_checkpointing}
+    if cfg.gradient_checkpointing and cfg.use_peft and shard == "zero3":
+        out[f"{key}_kwargs"] = {"use_reentrant": True}
+    return out
+
+
+def sft_config(cfg: TrainConfig):
+    """The TRL SFTConfig of a run. Built before the model loads: it sets up the process's distributed
+    state and registers a DeepSpeed config, which from_pretrained needs to see (ZeRO-3 init)."""
     import torch
+    from trl import SFTConfig
 
+    from .loading import sharding
+
+    check_packages(cfg)
+    on_gpu = _device() == "cuda"
     bf16 = cfg.bf16 if cfg.bf16 is not None else (on_gpu and torch.cuda.is_bf16_supported())
-    eval_on = bool(eval_rows)
+    eval_on = bool(cfg.eval_data)
     args = dict(
         output_dir=cfg.output_dir, learning_rate=cfg.learning_rate, num_train_epochs=cfg.num_train_epochs,
         max_steps=cfg.max_steps, per_device_train_batch_size=cfg.per_device_train_batch_size,
@@ -385,15 +403,24 @@ def build_trainer(cfg: TrainConfig, lm, tok, train_rows: list[dict], eval_rows: 
         use_cpu=not on_gpu, completion_only_loss=True, lr_scheduler_type="cosine", warmup_steps=0.03,
         eval_strategy="steps" if eval_on else "no", eval_steps=cfg.save_steps if eval_on else None,
         dataloader_num_workers=0, save_only_model=False, logging_first_step=True,
+        **checkpointing_args(cfg, sharding()),
     )
-    # transformers 5 renamed gradient_checkpointing to activation_checkpointing (the old name still works)
-    ckpt_key = "activation_checkpointing" if "activation_checkpointing" in sft_config_fields() else "gradient_checkpointing"
-    args[ckpt_key] = cfg.gradient_checkpointing
     args.update(cfg.sft_args)
     try:
-        sft_args = SFTConfig(**args)
+        return SFTConfig(**args)
     except (TypeError, ValueError) as e:
         raise AftError(f"invalid training arguments: {e}") from None
+
+
+def build_trainer(cfg: TrainConfig, lm, tok, train_rows: list[dict], eval_rows: list[dict] | None = None,
+                  base: str | None = None, args=None):
+    """SFTTrainer on pre-tokenized rows (input_ids + labels); LoRA through peft_config.
+    args: the run's SFTConfig (default: sft_config(cfg))."""
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    sft_args = args if args is not None else sft_config(cfg)
+    eval_on = bool(eval_rows)
     peft_config = None
     if cfg.use_peft:
         from peft import LoraConfig
@@ -448,8 +475,9 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     # 4-5
     import torch
 
+    args = sft_config(cfg)  # first: ZeRO-3 init and this process's GPU need it at load time
     t_load = time.time()
-    lm, tok, eot, base = load_model(cfg.model, cfg.dtype, cfg.load_in_4bit, cfg.chat_template)
+    lm, tok, eot, base = load_model(cfg.model, cfg.dtype, cfg.load_in_4bit, cfg.chat_template, cfg.use_peft)
     if cfg.load_in_4bit:
         from peft import prepare_model_for_kbit_training
 
@@ -463,7 +491,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     import yaml
 
     (out / "config.yaml").write_text(yaml.safe_dump(config_dict(cfg), sort_keys=False))
-    trainer = build_trainer(cfg, lm, tok, enc, enc_eval, base)
+    trainer = build_trainer(cfg, lm, tok, enc, enc_eval, base, args)
     write_json(out / "sft_config.json", json.loads(trainer.args.to_json_string()))
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -509,9 +537,18 @@ def _check_same_run(out: Path, cfg: TrainConfig) -> None:
 def merge(adapter_dir: Path, merged_dir: Path, dtype: str = "auto") -> Path:
     """Base + adapter merged into one model folder (reloaded fresh, so it also works after QLoRA)."""
     from peft import PeftModel
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
+    from .loading import load_pretrained, training_dtype
+    from .models import resolve
+
+    # Rank 0 merges alone, on the CPU: a ZeRO-3 config the trainer registered would make from_pretrained
+    # partition the base across ranks that are not loading it (a hang), so it is dropped first.
+    unset_hf_deepspeed_config()
     base = (adapter_dir / BASE_MARKER).read_text().strip()
-    lm, tok, eot, _ = load_model(base, dtype)
+    spec = resolve(base)
+    lm, _ = load_pretrained(spec.path, adapter=spec.adapter, dtype=training_dtype(dtype, _device(), True),
+                            device="cpu")
     merged = PeftModel.from_pretrained(lm, str(adapter_dir)).merge_and_unload()
     from transformers import AutoTokenizer
 

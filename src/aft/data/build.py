@@ -33,6 +33,7 @@ from pathlib import Path
 
 from .. import config as cfglib
 from ..engines.base import Engine, Request, SamplingParams, derive_seed
+from ..engines.vllm import memory_shares
 from ..errors import AftError
 from ..io import JsonlAppender, output_lock, read_jsonl, write_json
 from ..prompts import STYLES, PromptStyle, proposer_messages
@@ -233,13 +234,26 @@ def _engine_kw(cfg: DataConfig) -> dict:
                 tensor_parallel_size=cfg.tensor_parallel_size, seed=cfg.seed, context_window=cfg.context_window)
 
 
+def vllm_models(cfg: DataConfig, on_policy: bool, scorer_name: str) -> set[str]:
+    """The distinct vLLM models this build holds at once (proposer, teacher, judge): they share the GPU."""
+    wanted = [(cfg.model, cfg.engine)] if on_policy else []
+    if cfg.target == "teacher":
+        wanted.append((cfg.teacher, cfg.teacher_engine))
+    if scorer_name == "judge":
+        wanted.append((cfg.judge_model, cfg.judge_engine))
+    return {m.removeprefix("vllm:") for m, e in wanted if m and (e == "vllm" or m.startswith("vllm:"))}
+
+
 def _prepare(cfg: DataConfig, res: Resources, on_policy: bool, scorer_name: str) -> Resources:
     cache: dict = {}
+    # vLLM takes 0.9 of the GPU by default: two vLLM models in this process get an equal share each.
+    shared = len(vllm_models(cfg, on_policy, scorer_name))
+    share = {"gpu_memory_utilization": memory_shares(shared)} if shared > 1 else {}
 
     def engine_for(model: str, engine: str):
         key = (model, engine)
         if key not in cache:
-            cache[key] = load_model_engine(model, engine, **_engine_kw(cfg))
+            cache[key] = load_model_engine(model, engine, **_engine_kw(cfg), **share)
             res.owned.append(cache[key])
         return cache[key]
 

@@ -91,30 +91,16 @@ def base_engine(model, tokenizer, **kw):
 
 def load_model_engine(model: str, engine: str = "auto", dtype: str = "auto", device: str = "auto",
                       max_concurrency: int = 8, api_key: str | None = None, tensor_parallel_size: int = 1,
-                      seed: int = 0, context_window: int | None = None):
+                      seed: int = 0, context_window: int | None = None, gpu_memory_utilization: float | None = None):
     """Any engine for a --model value. A local transformers model is loaded here so that a base
     model (no chat template) can be given raw prompts; other kinds go through aft.engines.load_engine."""
     from ..models import resolve
 
     spec = resolve(model, None if engine == "auto" else engine)
     if spec.kind == "hf":
-        import time
+        from ..loading import load_pretrained
 
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from ..engines.hf import pick_dtype
-
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        t = time.time()
-        tok = AutoTokenizer.from_pretrained(spec.adapter or spec.path)
-        lm = AutoModelForCausalLM.from_pretrained(spec.path, dtype=pick_dtype(dtype, device)).to(device)
-        if spec.adapter:
-            from peft import PeftModel
-
-            lm = PeftModel.from_pretrained(lm, spec.adapter).merge_and_unload()
-        log.info("loaded %s in %.1fs", spec.name or spec.path, time.time() - t)
+        lm, tok = load_pretrained(spec.path, adapter=spec.adapter, dtype=dtype, device=device)
         eng = base_engine(lm, tok, display_name=spec.name or spec.path)
     else:
         try:
@@ -122,7 +108,8 @@ def load_model_engine(model: str, engine: str = "auto", dtype: str = "auto", dev
         except ImportError:
             raise AftError(f"the {spec.kind} engine is not available in this install") from None
         eng = load_engine(spec, dtype=dtype, device=device, max_concurrency=max_concurrency, api_key=api_key,
-                          tensor_parallel_size=tensor_parallel_size, seed=seed)
+                          tensor_parallel_size=tensor_parallel_size, seed=seed,
+                          gpu_memory_utilization=gpu_memory_utilization)
     if context_window:
         eng.context_window = context_window
     return eng

@@ -78,23 +78,15 @@ class RewardModelScorer(Scorer):
 
     @classmethod
     def load(cls, path: str, dtype: str = "auto", device: str = "auto", **kw) -> "RewardModelScorer":
-        import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        from ..engines.hf import pick_dtype
+        from ..loading import load_pretrained
         from ..models import resolve
 
         spec = resolve(path)
         if spec.kind != "hf":
             raise AftError(f"reward model {path!r}: needs a local transformers model (got a {spec.kind} model)")
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        try:
-            tok = AutoTokenizer.from_pretrained(spec.path)
-            model = AutoModelForSequenceClassification.from_pretrained(spec.path, dtype=pick_dtype(dtype, device))
-        except (OSError, ValueError) as e:
-            raise AftError(f"reward model {path!r}: cannot load as a sequence classifier: {str(e)[:200]}") from None
-        return cls(model.to(device), tok, display_name=path, **kw)
+        model, tok = load_pretrained(spec.path, dtype=dtype, device=device, task="sequence-classification",
+                                     what="reward model")
+        return cls(model, tok, display_name=path, **kw)
 
     def render(self, query: list[dict], response: str) -> str:
         messages = query + [{"role": "assistant", "content": response}]

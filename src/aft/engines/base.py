@@ -11,6 +11,12 @@ from __future__ import annotations
 import hashlib
 from dataclasses import asdict, dataclass, field
 
+# The chat template an engine uses for a model whose tokenizer has none (a base model).
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
 
 @dataclass(frozen=True)
 class SamplingParams:

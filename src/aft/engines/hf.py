@@ -29,7 +29,12 @@ measures the two side by side on the propose-and-aggregate workload):
     stored transposed (a bf16 CPU matmul reads a slice of the usual layout far
     more slowly, copying it first): 0.37 against
     1.13 ms a layer at 32 rows x 200 positions, 0.34 against 0.46 at 8 x 700
-    (benchmarks/probe_attention.py).
+    (benchmarks/probe_attention.py). On GPUs keys keep the usual layout
+    (`keys_transposed`): SDPA's fused kernels need a contiguous last dimension;
+  * on a GPU a chunk holds what fits 90% of the free memory (`chunk_bytes`
+    estimates the KV cache, logits and prefill activations), and a chunk that
+    runs out of memory anyway is split in two, down to one request, which then
+    fails with a one-line error instead of CUDA's.
 What is promised: the same requests in the same batch with the same seeds give
 the same texts (same machine and software). A request's logits can differ in
 the last bits alone against batched, since the matmul kernels round by shape
@@ -44,45 +49,20 @@ from __future__ import annotations
 
 import functools
 import logging
-import time
 
 import torch
 
 from ..errors import AftError
-from .base import Completion, Engine, Request, Result, SamplingParams, sample_seeds
+from ..loading import load_pretrained, pick_dtype  # noqa: F401  (pick_dtype: imported from here by callers)
+from .base import CHATML_TEMPLATE, Completion, Engine, Request, Result, SamplingParams, sample_seeds
 
 log = logging.getLogger(__name__)
-
-CHATML_TEMPLATE = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-
-
-def cpu_has_bf16() -> bool:
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def pick_dtype(dtype: str, device: str) -> torch.dtype:
-    if dtype == "auto":
-        if device.startswith("cuda"):
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if cpu_has_bf16() else torch.float32
-    try:
-        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-                "float16": torch.float16, "fp16": torch.float16}[dtype]
-    except KeyError:
-        raise AftError(f"unknown dtype {dtype!r}; choose auto, float32, bfloat16 or float16") from None
-
 
 class HFEngine(Engine):
     name = "hf"
 
-    def __init__(self, model, tokenizer, max_batch_rows: int = 64, display_name: str = ""):
+    def __init__(self, model, tokenizer, max_batch_rows: int = 64, display_name: str = "",
+                 memory_budget_bytes: int | None = None):
         self.lm = model.eval()
         self.tok = tokenizer
         if self.tok.chat_template is None:
@@ -92,6 +72,8 @@ class HFEngine(Engine):
         if self.device.type == "cpu" and getattr(model.config, "_attn_implementation", None) == "sdpa":
             model.set_attn_implementation(_register_attention())  # the engine owns its model from here on
         self.max_batch_rows = max_batch_rows
+        self.memory_budget_bytes = memory_budget_bytes  # None: measured on a GPU (memory_budget)
+        self.chunk_rows: list[int] = []  # rows of each chunk run so far (for logs and tests)
         self.model = display_name or getattr(model.config, "_name_or_path", "")
         self.context_window = getattr(model.config, "max_position_embeddings", None)
         eos = model.generation_config.eos_token_id
@@ -106,19 +88,7 @@ class HFEngine(Engine):
     @classmethod
     def load(cls, path: str, adapter: str | None = None, dtype: str = "auto", device: str = "auto",
              display_name: str = "", **kw) -> "HFEngine":
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        torch_dtype = pick_dtype(dtype, device)
-        t = time.time()
-        tok = AutoTokenizer.from_pretrained(adapter or path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device)
-        if adapter:
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-        log.info("loaded %s (%s, %s) in %.1fs", display_name or path, torch_dtype, device, time.time() - t)
+        model, tok = load_pretrained(path, adapter=adapter, dtype=dtype, device=device)
         return cls(model, tok, display_name=display_name or path, **kw)
 
     # ----------------------------------------------------------------- prompts
@@ -135,21 +105,71 @@ class HFEngine(Engine):
     def generate(self, requests: list[Request]) -> list[Result]:
         prompts = [self.encode(r.messages) for r in requests]
         results: list[Result | None] = [None] * len(requests)
-        # Similar lengths together (less padding); chunks of at most max_batch_rows sampled rows.
+        # Similar lengths together (less padding); chunks of at most max_batch_rows sampled rows, and on a
+        # GPU of what fits its free memory (see chunk_bytes). A chunk that runs out of memory anyway is split.
+        budget = self.memory_budget()
         order = sorted(range(len(requests)), key=lambda i: len(prompts[i]))
         chunk: list[int] = []
-        rows = 0
+        rows = positions = 0
         for i in order + [None]:
-            n = requests[i].params.n if i is not None else 0
-            if chunk and (i is None or rows + n > self.max_batch_rows):
-                outs = self._generate_chunk([prompts[j] for j in chunk], [requests[j].params for j in chunk])
-                for j, res in zip(chunk, outs):
-                    results[j] = res
-                chunk, rows = [], 0
+            if i is not None:
+                n, p = requests[i].params.n, len(prompts[i])
+                pos = p + self._max_new(requests[i].params, p)
+            if chunk and (i is None or rows + n > self.max_batch_rows or (
+                    budget is not None and self.chunk_bytes(rows + n, len(chunk) + 1, p, max(positions, pos)) > budget)):
+                self._run_chunk(chunk, prompts, requests, results)
+                chunk, rows, positions = [], 0, 0
             if i is not None:
                 chunk.append(i)
-                rows += n
+                rows, positions = rows + n, max(positions, pos)
         return results  # type: ignore[return-value]
+
+    def memory_budget(self) -> int | None:
+        """Bytes a chunk may use: `memory_budget_bytes` if set, else on a GPU 90% of its free memory
+        (the device's free memory plus what torch holds cached but unused); None (no limit) on CPU."""
+        if self.memory_budget_bytes is not None:
+            return self.memory_budget_bytes
+        if self.device.type != "cuda":
+            return None
+        free, _ = torch.cuda.mem_get_info(self.device)
+        cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        return int(0.9 * (free + cached))
+
+    def chunk_bytes(self, rows: int, prompts: int, prompt_len: int, positions: int) -> int:
+        """An upper estimate of the memory a chunk needs: the KV cache of the prompts' prefill and of the
+        sampled rows (`positions` = longest prompt + max new tokens each), the float32 logits the sampler
+        works on, and one layer's prefill activations per prompt."""
+        cfg = self.lm.config.get_text_config()
+        heads = cfg.num_attention_heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        item = next(self.lm.parameters()).element_size()
+        kv_per_position = 2 * cfg.num_hidden_layers * kv_heads * head_dim * item
+        inter = getattr(cfg, "intermediate_size", None) or 4 * cfg.hidden_size
+        activations = prompt_len * (4 * cfg.hidden_size + 2 * inter) * item
+        return (rows + prompts) * positions * kv_per_position + rows * 3 * cfg.vocab_size * 4 + prompts * activations
+
+    def _run_chunk(self, chunk: list[int], prompts, requests, results) -> None:
+        """Generate one chunk into `results`; out of GPU memory, split it in two, down to one request."""
+        try:
+            outs = self._generate_chunk([prompts[j] for j in chunk], [requests[j].params for j in chunk])
+        except torch.OutOfMemoryError:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if len(chunk) == 1:
+                sp, p = requests[chunk[0]].params, len(prompts[chunk[0]])
+                raise AftError(f"{self.model}: out of GPU memory on a single request ({sp.n} samples of a {p}-token "
+                               f"prompt, max_tokens {sp.max_tokens}); lower n or max_tokens, or use the vllm "
+                               "engine") from None
+            log.warning("out of GPU memory on a chunk of %d requests (%d rows); splitting it in two", len(chunk),
+                        sum(requests[j].params.n for j in chunk))
+            half = len(chunk) // 2
+            self._run_chunk(chunk[:half], prompts, requests, results)
+            self._run_chunk(chunk[half:], prompts, requests, results)
+            return
+        self.chunk_rows.append(sum(requests[j].params.n for j in chunk))
+        for j, res in zip(chunk, outs):
+            results[j] = res
 
     @torch.inference_mode()
     def _generate_chunk(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[Result]:
@@ -294,6 +314,17 @@ def _preallocated_cache(config, capacity: int):
     return cache
 
 
+def keys_transposed(device) -> bool:
+    """Whether the cache stores keys transposed, (b, h, d, capacity): on CPU only.
+
+    On CPU the filled part, transposed, is a matrix per head with unit stride along positions, which a
+    bf16 CPU matmul (q @ k^T) reads far faster than a slice of the (b, h, capacity, d) layout. On GPUs
+    SDPA's fused kernels (flash, memory-efficient) need keys whose last dimension is contiguous; a
+    transposed view sends every layer to the math kernel (fp32 copies, O(L^2) memory on a prefill).
+    """
+    return torch.device(device).type == "cpu"
+
+
 @functools.cache
 def _buffer_layer_class():
     from transformers.cache_utils import DynamicLayer
@@ -311,17 +342,17 @@ def _buffer_layer_class():
         def lazy_initialization(self, key_states, value_states, batch: int | None = None):
             self.dtype, self.device = key_states.dtype, key_states.device
             b, h, _, d = key_states.shape
-            # Keys are stored (b, h, d, capacity): the filled part, transposed, is then a matrix per head with
-            # unit stride along positions, which a bf16 CPU matmul (q @ k^T) reads far faster than a slice
-            # of the (b, h, capacity, d) layout.
+            self.transposed = keys_transposed(self.device)
             # Zeros, not empty: padding positions are masked, but 0 x NaN would still be NaN.
-            self._alloc(key_states.new_zeros((batch or b, h, d, self.capacity)),
+            kshape = (batch or b, h, d, self.capacity) if self.transposed else (batch or b, h, self.capacity, d)
+            self._alloc(key_states.new_zeros(kshape),
                         value_states.new_zeros((batch or b, h, self.capacity, value_states.shape[-1])))
             self.is_initialized = True
 
         def _alloc(self, kstore, vbuf) -> None:
             self.kstore, self.vbuf = kstore, vbuf
-            self.kbuf = kstore.transpose(-1, -2)  # (b, h, capacity, d) view, as DynamicLayer's keys
+            # (b, h, capacity, d), as DynamicLayer's keys: a view of the transposed store on CPU
+            self.kbuf = kstore.transpose(-1, -2) if self.transposed else kstore
             self.set_length(self.length)
 
         def set_length(self, n: int) -> None:
@@ -343,7 +374,8 @@ def _buffer_layer_class():
             n = self.length + key_states.shape[-2]
             if n > self.capacity:  # not expected (capacity covers prompt + max_tokens); grow rather than fail
                 self.capacity = max(n, 2 * self.capacity)
-                self._alloc(_grow(self.kstore, self.capacity, -1), _grow(self.vbuf, self.capacity, -2))
+                self._alloc(_grow(self.kstore, self.capacity, -1 if self.transposed else -2),
+                            _grow(self.vbuf, self.capacity, -2))
             self.kbuf[:, :, self.length:n] = key_states
             self.vbuf[:, :, self.length:n] = value_states
             self.set_length(n)

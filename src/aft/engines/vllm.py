@@ -16,6 +16,15 @@ Seeds: the request's seed goes to vLLM as is. vLLM (V1 engine) runs the n
 samples of a request as child requests, child j seeded with seed + j
 (vllm/v1/engine/parallel_sampling.py); `Result.seeds` reports those.
 
+Chat template: a model whose tokenizer has none (a base model) gets ChatML,
+as in the transformers engine (LLM.chat would refuse it).
+
+Memory: vLLM takes `gpu_memory_utilization` of the whole GPU (default 0.9)
+for weights and KV cache. Two engines in one process (aft data build with a
+vLLM proposer and a vLLM teacher) must share it: data build gives each its
+share. `close()` shuts the engine core down (its process holds the memory) and
+runs vLLM's own clean-up, so a later engine can have the memory.
+
 Data parallelism: the offline `LLM` class runs one data-parallel rank per
 process, so `data_parallel_size > 1` is refused here; for several GPUs with a
 model that fits on one, run `vllm serve MODEL --data-parallel-size N` and use
@@ -27,7 +36,7 @@ from __future__ import annotations
 import logging
 
 from ..errors import AftError
-from .base import Completion, Engine, Request, Result, SamplingParams
+from .base import CHATML_TEMPLATE, Completion, Engine, Request, Result, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +103,10 @@ class VLLMEngine(Engine):
             kw["max_model_len"] = max_model_len
         self.llm = vllm.LLM(**kw)
         self.model = display_name or model
-        self.chat_template = chat_template
         self.tokenizer = self.llm.get_tokenizer()
+        self.chat_template = pick_chat_template(chat_template, getattr(self.tokenizer, "chat_template", None))
+        if self.chat_template is CHATML_TEMPLATE:
+            log.warning("%s: the tokenizer has no chat template; using ChatML", self.model)
         self.context_window = _max_model_len(self.llm) or max_model_len
 
     def generate(self, requests: list[Request]) -> list[Result]:
@@ -114,6 +125,38 @@ class VLLMEngine(Engine):
 
     def describe(self) -> dict:
         return {**super().describe(), "vllm": getattr(self._vllm, "__version__", "?")}
+
+    def close(self) -> None:
+        """Free the GPU: stop the engine core (V1 runs it in its own process, which holds the memory),
+        then vLLM's clean-up (distributed state, caches)."""
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is None:
+            return
+        engine = getattr(llm, "llm_engine", None)
+        shutdown = getattr(engine, "shutdown", None) or getattr(getattr(engine, "engine_core", None), "shutdown", None)
+        if shutdown is not None:
+            shutdown()
+        del llm, engine, shutdown
+        try:
+            from vllm.distributed import cleanup_dist_env_and_memory
+        except ImportError:
+            import gc
+
+            gc.collect()
+        else:
+            cleanup_dist_env_and_memory()
+
+
+def pick_chat_template(given: str | None, tokenizers_own: str | None) -> str | None:
+    """The template LLM.chat gets: the one given, else None (the tokenizer's own), else ChatML."""
+    if given:
+        return given
+    return None if tokenizers_own else CHATML_TEMPLATE
+
+
+def memory_shares(n_engines: int, total: float = 0.9) -> float:
+    """gpu_memory_utilization for each of n vLLM engines that live in one process at once."""
+    return round(total / max(1, n_engines), 3)
 
 
 def _max_model_len(llm) -> int | None:
