@@ -127,3 +127,63 @@ def test_stale_lock_of_a_killed_writer_is_taken_over(tmp_path, capsys, caplog, h
     assert f"taking over a stale lock left by pid {p.pid}" in caplog.text
     assert not (tmp_path / "data.lock").exists()  # released at the end
     assert len((data / "aft.jsonl").read_text().splitlines()) == 3
+
+
+# ------------------------------------------------------------------ 5. bytes that are not UTF-8
+LATIN1 = '{"id": "x", "prompt": "caf\xe9"}\n'.encode("latin-1")  # é as one byte 0xe9
+
+
+def test_non_utf8_infer_input_names_file_and_line(tmp_path, capsys):
+    inp = tmp_path / "q.jsonl"
+    inp.write_bytes(b'{"prompt": "ok"}\n' + LATIN1)
+    assert main(["infer", "-i", str(inp), "-o", str(tmp_path / "o.jsonl")]) == 2
+    assert f"{inp}:2: not UTF-8 text (byte 0xe9 at column 27)" in one_line_error(capsys, "infer")
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_non_utf8_data_build_row_is_skipped_or_stops(tmp_path, capsys):
+    inp = tmp_path / "uf.jsonl"
+    inp.write_bytes(UF.read_bytes() + LATIN1)
+    base = ["data", "build", "-i", str(inp), "--target", "best", "--scorer", "none", "-k", "2"]
+    assert main(base + ["--out", str(tmp_path / "skip")]) == 0
+    errors = json.loads((tmp_path / "skip" / "input_errors.json").read_text())
+    assert errors == [{"where": f"{inp}:4", "kind": "unreadable line",
+                       "message": "not UTF-8 text (byte 0xe9 at column 27); save the file as UTF-8"}]
+    assert len((tmp_path / "skip" / "aft.jsonl").read_text().splitlines()) == 3
+    capsys.readouterr()
+    assert main(base + ["--out", str(tmp_path / "stop"), "--on_error", "stop"]) == 2
+    assert f"{inp}:4: not UTF-8 text" in one_line_error(capsys, "data")
+
+
+def test_non_utf8_train_data_eval_file_and_yaml_config(tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "aft.jsonl").write_bytes(LATIN1)
+    assert main(["train", "--data", str(data), "--output_dir", str(tmp_path / "t")]) == 2
+    assert f"{data / 'aft.jsonl'}:1: not UTF-8 text" in one_line_error(capsys, "train")
+    assert not (tmp_path / "t").exists()
+    gsm = tmp_path / "gsm.jsonl"
+    gsm.write_bytes(b'{"question": "1+1?", "answer": "#### 2"}\n' + LATIN1)
+    assert main(["eval", "run", "--out", str(tmp_path / "ev"), "--tasks", f"gsm8k:{gsm}"]) == 2
+    assert f"{gsm}:2: not UTF-8 text" in one_line_error(capsys, "eval")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_bytes(b"n: 2\nstyle: caf\xe9\n")
+    assert main(["infer", "--config", str(cfg)]) == 2
+    assert f"{cfg}:2: not UTF-8 text (byte 0xe9 at column 11)" in one_line_error(capsys, "infer")
+
+
+# ------------------------------------------------------------------ 6. eval run after a crash mid-line
+def test_eval_run_cuts_a_torn_last_record_and_resumes(tmp_path, capsys, echo_url):
+    gsm = write_jsonl(tmp_path / "gsm.jsonl", [{"question": f"{i} + 1?", "answer": f"#### {i + 1}"}
+                                               for i in range(3)])
+    run = ["eval", "run", "--out", str(tmp_path / "ev"), "-m", echo_url, "--tasks", f"gsm8k:{gsm}",
+           "--strategies", "greedy", "--no-report"]
+    assert main(run) == 0
+    records = next((tmp_path / "ev").rglob("greedy.seed0.jsonl"))
+    lines = records.read_bytes().splitlines(keepends=True)
+    assert len(lines) == 3
+    records.write_bytes(b"".join(lines[:2]) + lines[2][:25])  # killed while writing the third
+    assert main(run) == 0
+    assert "1 answers written, 2 already cached" in capsys.readouterr().out
+    again = records.read_bytes().splitlines(keepends=True)
+    assert again[:2] == lines[:2] and [json.loads(x)["id"] for x in again] == [json.loads(x)["id"] for x in lines]

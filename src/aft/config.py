@@ -63,11 +63,12 @@ def _help(f) -> str:
 
 
 def load_yaml(path: str | Path) -> dict:
+    from .io import read_text
+
     path = Path(path)
+    text = read_text(path, "config file")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise AftError(f"{path}: no such config file") from None
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""

@@ -23,26 +23,74 @@ from .prompts import validate_messages
 log = logging.getLogger(__name__)
 
 
-def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """Yield (line number, record) for each non-blank line; malformed JSON is an AftError naming file:line."""
+def read_text(path: str | Path, what: str = "file") -> str:
+    """A whole UTF-8 text file; a missing, unreadable or non-UTF-8 file is an AftError naming it (and the line)."""
     path = Path(path)
     try:
-        f = open(path, encoding="utf-8")
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise AftError(f"{path}: no such {what}") from None
+    except IsADirectoryError:
+        raise AftError(f"{path}: is a folder, not a {what}") from None
+    except OSError as e:
+        raise AftError(f"{path}: cannot read: {e.strerror}") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise AftError(f"{path}:{line}: {_not_utf8(data[e.start], column)}") from None
+
+
+def _not_utf8(byte: int, column: int) -> str:
+    return f"not UTF-8 text (byte 0x{byte:02x} at column {column}); save the file as UTF-8"
+
+
+def read_jsonl(path: str | Path, bad_lines: str = "raise") -> Iterator[tuple[int, dict]]:
+    """Yield (line number, record) for each non-blank line.
+
+    A line that is not UTF-8, not JSON or not an object is an AftError naming
+    file:line; with bad_lines="yield" that error is yielded in place of the
+    record (for callers that skip bad rows), and reading goes on.
+    """
+    path = Path(path)
+    try:
+        f = open(path, "rb")
     except FileNotFoundError:
         raise AftError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise AftError(f"{path}: is a folder, not a JSONL file") from None
     except OSError as e:
         raise AftError(f"{path}: cannot read: {e.strerror}") from None
     with f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+        for lineno, raw in enumerate(f, 1):
             try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise AftError(f"{where(path, lineno)}malformed JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(rec, dict):
-                raise AftError(f"{where(path, lineno)}expected a JSON object, got {type(rec).__name__}")
-            yield lineno, rec
+                rec = _parse_line(raw, lineno == 1)
+            except ValueError as e:
+                err = AftError(f"{where(path, lineno)}{e}")
+                if bad_lines == "yield":
+                    yield lineno, err
+                    continue
+                raise err from None
+            if rec is not None:
+                yield lineno, rec
+
+
+def _parse_line(raw: bytes, first: bool) -> dict | None:
+    """One JSONL line -> its object (None if blank); ValueError says what is wrong with it."""
+    try:
+        line = raw.decode("utf-8-sig" if first else "utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(_not_utf8(raw[e.start], e.start + 1)) from None
+    if not line.strip():
+        return None
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"malformed JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(rec, dict):
+        raise ValueError(f"expected a JSON object, got {type(rec).__name__}")
+    return rec
 
 
 @dataclass
@@ -96,31 +144,8 @@ class JsonlAppender:
         self.path = Path(path)
         self.key = key
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.done: set[str] = set()
-        if self.path.exists():
-            self._repair()
-            for _, rec in read_jsonl(self.path):
-                if key in rec:
-                    self.done.add(str(rec[key]))
+        self.done: set[str] = done_ids(self.path, key)
         self._f = open(self.path, "a", encoding="utf-8")
-
-    def _repair(self) -> None:
-        """Cut a torn last line (no trailing newline, or not valid JSON) left by a crash."""
-        data = self.path.read_bytes()
-        if not data:
-            return
-        end = len(data)
-        if not data.endswith(b"\n"):
-            end = data.rfind(b"\n") + 1
-        else:
-            last_start = data.rfind(b"\n", 0, len(data) - 1) + 1
-            try:
-                json.loads(data[last_start:])
-            except ValueError:
-                end = last_start
-        if end < len(data):
-            with open(self.path, "r+b") as f:
-                f.truncate(end)
 
     def write(self, rec: dict) -> None:
         self._f.write(json.dumps(rec, ensure_ascii=False) + "\n")
@@ -137,6 +162,35 @@ class JsonlAppender:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def done_ids(path: str | Path, key: str = "id") -> set[str]:
+    """The `key` values of the records already in an output (empty if none), after cutting a torn last line."""
+    path = Path(path)
+    if not path.exists():
+        return set()
+    repair_torn_tail(path)
+    return {str(rec[key]) for _, rec in read_jsonl(path) if key in rec}
+
+
+def repair_torn_tail(path: Path) -> None:
+    """Cut a torn last line (no trailing newline, or not valid JSON) left by a crash."""
+    data = path.read_bytes()
+    if not data:
+        return
+    end = len(data)
+    if not data.endswith(b"\n"):
+        end = data.rfind(b"\n") + 1
+    else:
+        last_start = data.rfind(b"\n", 0, len(data) - 1) + 1
+        try:
+            json.loads(data[last_start:])
+        except ValueError:
+            end = last_start
+    if end < len(data):
+        log.warning("%s: cut a torn last line (%d bytes) left by an interrupted run", path, len(data) - end)
+        with open(path, "r+b") as f:
+            f.truncate(end)
 
 
 def write_json(path: str | Path, obj) -> None:

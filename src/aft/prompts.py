@@ -65,11 +65,10 @@ class PromptStyle:
     @classmethod
     def get(cls, style: str = "aft", template_file: str | Path | None = None) -> "PromptStyle":
         if template_file is not None:
+            from .io import read_text
+
             path = Path(template_file)
-            try:
-                text = path.read_text(encoding="utf-8")
-            except OSError as e:
-                raise AftError(f"{path}: cannot read the aggregator template file: {e.strerror}") from None
+            text = read_text(path, "aggregator template file")
             if not text.strip():
                 raise AftError(f"{path}: the aggregator template file is empty")
             return cls(name=f"file:{path.name}", template=text, proposer_system=AFT_PROPOSER_SYSTEM)

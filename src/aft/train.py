@@ -31,7 +31,7 @@ from pathlib import Path
 
 from . import config as cfglib
 from .errors import AftError, where
-from .io import read_jsonl, write_json
+from .io import read_jsonl, read_text, write_json
 from .prompts import ROLES, validate_messages
 
 log = logging.getLogger(__name__)
@@ -232,10 +232,7 @@ def setup_chat_template(tok, chat_template: str | None = None) -> int:
 
     if tok.chat_template is None or (chat_template and chat_template != "chatml"):
         if chat_template and chat_template != "chatml":
-            try:
-                tok.chat_template = Path(chat_template).read_text(encoding="utf-8")
-            except OSError as e:
-                raise AftError(f"{chat_template}: cannot read the chat template: {e.strerror}") from None
+            tok.chat_template = read_text(chat_template, "chat template file")
         elif "<|im_end|>" in tok.get_vocab():
             tok.chat_template = CHATML_TEMPLATE
         else:

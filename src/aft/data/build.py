@@ -35,7 +35,7 @@ from .. import config as cfglib
 from ..engines.base import Engine, Request, SamplingParams, derive_seed
 from ..engines.vllm import memory_shares
 from ..errors import AftError
-from ..io import JsonlAppender, output_lock, read_jsonl, write_json
+from ..io import JsonlAppender, done_ids, output_lock, read_jsonl, repair_torn_tail, write_json
 from ..prompts import STYLES, PromptStyle, proposer_messages
 from . import card as cardlib
 from .onpolicy import clean_proposal, load_demonstrations, load_model_engine, proposal_messages
@@ -393,13 +393,12 @@ def _trim_partial(out: Path, no_proposals: bool) -> None:
     """After a crash sft/noprop may hold a row that aft.jsonl does not: drop it (it is rebuilt)."""
     if not (out / "aft.jsonl").exists():
         return
-    JsonlAppender(out / "aft.jsonl").close()  # repairs a torn last line
-    done = {str(r["id"]) for _, r in read_jsonl(out / "aft.jsonl") if "id" in r}
+    done = done_ids(out / "aft.jsonl")
     for name in ("sft.jsonl", "aft_noprop.jsonl", "aft_pseudo.jsonl"):
         p = out / name
         if not p.exists():
             continue
-        JsonlAppender(p).close()
+        repair_torn_tail(p)
         recs = [r for _, r in read_jsonl(p)]
         keep = [r for r in recs if str(r.get("id")) in done]
         if len(keep) != len(recs):

@@ -75,7 +75,7 @@ def iter_records(path: str, split: str = "train") -> Iterator[tuple[str, int, di
             for i, rec in enumerate(table.to_pylist(), 1):
                 yield str(p), i, rec
             return
-        for line, rec in read_jsonl(p):
+        for line, rec in read_jsonl(p, bad_lines="yield"):
             yield str(p), line, rec
         return
     if "/" in path and not path.startswith((".", "/")) and p.suffix not in (".jsonl", ".json", ".parquet"):
@@ -111,6 +111,9 @@ def read_items(path: str, schema: str = "auto", score_field: str = "auto", split
         if limit is not None and n >= limit:
             return
         loc = where(name, line)
+        if isinstance(rec, AftError):  # a line that is not UTF-8 or not a JSON object
+            yield RowError(loc, str(rec).removeprefix(loc), "unreadable line")
+            continue
         kind = fixed or detect_schema(rec)
         if kind is None:
             yield RowError(loc, "unknown schema: expected 'instruction'+'completions' (UltraFeedback), "

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from ..data.sources import Item
 from ..errors import AftError, where
-from ..io import JsonlAppender, read_jsonl, write_json
+from ..io import JsonlAppender, read_jsonl, read_text, write_json
 from .compute import num_parameters
 from .strategies import Sampling, Strategy, run_strategy
 from .tasks import Task
@@ -75,10 +75,7 @@ def load_mtbench_questions(path: str | Path | None = None) -> list[dict]:
 def load_instructions(path: str | Path) -> list[dict]:
     """AlpacaEval-style instructions: a JSON list or JSONL of {"instruction", "input"?, "dataset"?}."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise AftError(f"{path}: no such file") from None
+    text = read_text(path)
     if text.lstrip().startswith("["):
         try:
             rows = list(enumerate(json.loads(text), 1))

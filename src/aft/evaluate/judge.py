@@ -23,7 +23,7 @@ from pathlib import Path
 from ..data.scorers import JUDGE_PROMPT, JUDGE_SYSTEM, parse_rating
 from ..engines.base import Engine, Request, SamplingParams, derive_seed
 from ..errors import AftError
-from ..io import JsonlAppender, read_jsonl
+from ..io import JsonlAppender, read_jsonl, read_text
 
 NEED_REF_CATS = ("math", "reasoning", "coding")
 _BRACKET = re.compile(r"\[(\d+\.?\d*)\]")
@@ -166,9 +166,7 @@ def alpaca_as_answers(rows: list[dict]) -> tuple[list[dict], list[dict]]:
 def read_answers(path: str | Path) -> tuple[str, list[dict]]:
     """('mt_bench', model_answer records) or ('alpaca_eval', rows) from an answers file."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8") if path.exists() else None
-    if text is None:
-        raise AftError(f"{path}: no such file")
+    text = read_text(path)
     if text.lstrip().startswith("["):
         rows = json.loads(text)
         for i, r in enumerate(rows):

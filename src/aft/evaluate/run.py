@@ -26,7 +26,7 @@ from pathlib import Path
 from .. import config as cfglib
 from ..engines import open_engine
 from ..errors import AftError
-from ..io import JsonlAppender, output_lock, read_jsonl, write_json
+from ..io import JsonlAppender, done_ids, output_lock, read_jsonl, write_json
 from ..prompts import STYLES, PromptStyle
 from .cache import CachedEngine, model_fingerprint
 from .compute import num_parameters
@@ -190,7 +190,7 @@ def _run_eval_locked(cfg: EvalConfig, engine, progress) -> Summary:
                 path = root / task.name / f"{strat.name}.seed{seed}.jsonl"
                 _check_resume(path, _meta_path(path), _file_meta(cfg, task, strat, seed, label, None, None),
                               check_model=False)
-                done = {str(rec.get("id")) for _, rec in read_jsonl(path)} if path.exists() else set()
+                done = done_ids(path)
                 todo = [it for it in task.items if it.id not in done]
                 summary.skipped += len(task.items) - len(todo)
                 jobs.append((task, strat, seed, path, todo))
