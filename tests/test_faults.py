@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -43,6 +44,58 @@ class Echo(Engine):
 def echo_url():
     server, url = start_server(Echo())
     yield url + "#echo"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def silent_url():
+    """A server that accepts connections and never answers."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    held, stop = [], threading.Event()
+
+    def accept():
+        sock.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(sock.accept()[0])
+            except OSError:
+                pass
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+    stop.set()
+    for c in held:
+        c.close()
+    sock.close()
+
+
+@pytest.fixture(scope="module")
+def html_url():
+    """A server that answers 200 with an HTML page (a wrong URL, a proxy's login page)."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Page(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = b"<html><body>Welcome to nginx!</body></html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}/v1"
     server.shutdown()
     server.server_close()
 
@@ -187,3 +240,30 @@ def test_eval_run_cuts_a_torn_last_record_and_resumes(tmp_path, capsys, echo_url
     assert "1 answers written, 2 already cached" in capsys.readouterr().out
     again = records.read_bytes().splitlines(keepends=True)
     assert again[:2] == lines[:2] and [json.loads(x)["id"] for x in again] == [json.loads(x)["id"] for x in lines]
+
+
+# ------------------------------------------------------------------ 2, 7. servers that hang or answer nonsense
+def test_server_that_never_answers_times_out_and_says_what_it_waits_for(tmp_path, capsys, caplog, silent_url):
+    inp = write_jsonl(tmp_path / "q.jsonl", QUESTIONS)
+    out = tmp_path / "o.jsonl"
+    out.write_text(json.dumps({"id": "q0", "response": "kept"}) + "\n")
+    rc = main(["infer", "-i", str(inp), "-o", str(out), "-m", silent_url + "#m", "-k", "1", "-l", "1",
+               "--timeout", "1.5", "--max_retries", "0"])
+    assert rc == 2
+    msg = one_line_error(capsys, "infer")
+    assert f"{silent_url} (model 'm'): no answer within 1.5 s (1 attempt)" in msg
+    assert re.search(rf"waiting for {re.escape(silent_url)} \(model m\): 2 of 2 requests unanswered after \d+ s "
+                     rf"\(timeout 1.5 s per attempt, 1 attempt\)", caplog.text)
+    assert out.read_text() == json.dumps({"id": "q0", "response": "kept"}) + "\n"
+    assert main(["infer", "-i", str(inp), "-m", silent_url, "--timeout", "0"]) == 2
+    assert "timeout must be > 0 seconds, got 0.0" in one_line_error(capsys, "infer")
+
+
+def test_server_answering_html_is_a_one_line_error(tmp_path, capsys, html_url):
+    inp = write_jsonl(tmp_path / "q.jsonl", QUESTIONS)
+    args = ["infer", "-i", str(inp), "-k", "1", "-l", "1", "--max_retries", "0"]
+    assert main(args + ["-m", html_url + "#m", "-o", str(tmp_path / "a.jsonl")]) == 2
+    msg = one_line_error(capsys, "infer")
+    assert "the reply is not an OpenAI chat completion" in msg and "Welcome to nginx" in msg
+    assert main(args + ["-m", html_url, "-o", str(tmp_path / "b.jsonl")]) == 2  # the model list is asked first
+    assert "/models did not return an OpenAI model list" in one_line_error(capsys, "infer")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import config as cfglib
 from .aggregate import PAConfig, plan, propose_and_aggregate
-from .engines import open_engine
+from .engines import check_request_limits, open_engine
 from .errors import AftError
 from .io import JsonlAppender, output_lock, read_queries, write_json
 from .prompts import STYLES, PromptStyle
@@ -51,6 +51,8 @@ class InferConfig:
     dtype: str = cfglib.opt("auto", "hf engine: auto, float32, bfloat16, float16")
     device: str = cfglib.opt("auto", "hf engine: auto, cpu, cuda, cuda:1 ...")
     max_concurrency: int = cfglib.opt(8, "openai engine: requests in flight")
+    timeout: float = cfglib.opt(300.0, "openai engine: seconds to wait for one reply before retrying")
+    max_retries: int = cfglib.opt(2, "openai engine: retries of a timed-out, dropped or 429/5xx call")
     api_key: str | None = cfglib.opt(None, "openai engine: API key (default: $OPENAI_API_KEY, else 'EMPTY')", cli=False)
     tensor_parallel_size: int = cfglib.opt(1, "vllm engine: GPUs per model replica")
     context_window: int | None = cfglib.opt(None, "override the model's context window (tokens)")
@@ -99,6 +101,7 @@ def load_config(config_file: str | None, flags: dict) -> InferConfig:
         raise AftError("top_p and final_layer_top_p must be in (0, 1]")
     if cfg.temperature < 0 or cfg.final_layer_temperature < 0:
         raise AftError("temperatures must be >= 0")
+    check_request_limits(cfg.timeout, cfg.max_retries)
     cfg.pa()  # checks style / template file
     return cfg
 
@@ -168,6 +171,7 @@ def _run_locked(cfg: InferConfig, pa: PAConfig, items: list, out_path: Path, met
             return summary
         engine, _ = open_engine(cfg.model, cfg.engine, cfg.context_window, dtype=cfg.dtype, device=cfg.device,
                                 max_concurrency=cfg.max_concurrency, api_key=cfg.api_key,
+                                timeout=cfg.timeout, max_retries=cfg.max_retries,
                                 tensor_parallel_size=cfg.tensor_parallel_size, seed=cfg.seed)
         write_json(meta_path, {"config": cfglib.to_dict(cfg), "engine": engine.describe(),
                                "layers": [dataclasses.asdict(layer) for layer in plan(pa)]})

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import config as cfglib
+from ..engines import check_request_limits
 from ..engines.base import Engine, Request, SamplingParams, derive_seed
 from ..engines.vllm import memory_shares
 from ..errors import AftError
@@ -116,6 +117,8 @@ class DataConfig:
     dtype: str = opt("auto", "hf engines: auto, float32, bfloat16, float16")
     device: str = opt("auto", "hf engines: auto, cpu, cuda ...")
     max_concurrency: int = opt(8, "openai engines: requests in flight")
+    timeout: float = opt(300.0, "openai engines: seconds to wait for one reply before retrying")
+    max_retries: int = opt(2, "openai engines: retries of a timed-out, dropped or 429/5xx call")
     api_key: str | None = opt(None, "openai engines: API key (default: $OPENAI_API_KEY)", cli=False)
     tensor_parallel_size: int = opt(1, "vllm engines: GPUs per replica")
     context_window: int | None = opt(None, "override the engines' context window (tokens)")
@@ -125,8 +128,8 @@ class DataConfig:
 
 
 # Keys that do not change what a row contains: a resumed run or a shard may differ in them.
-RUN_KEYS = ("out", "batch_size", "shard", "on_error", "dtype", "device", "max_concurrency", "api_key",
-            "tensor_parallel_size")
+RUN_KEYS = ("out", "batch_size", "shard", "on_error", "dtype", "device", "max_concurrency", "timeout", "max_retries",
+            "api_key", "tensor_parallel_size")
 
 
 # Keys added after the first release: hashed only when set, so older outputs stay resumable.
@@ -168,6 +171,7 @@ def check_config(cfg: DataConfig) -> None:
                        "vllm:...); or use --target best (verifiable tasks) or reference")
     if not 0 < cfg.top_p <= 1 or not 0 < cfg.teacher_top_p <= 1:
         raise AftError("top_p and teacher_top_p must be in (0, 1]")
+    check_request_limits(cfg.timeout, cfg.max_retries)
     shard_slice([], cfg.shard)
     cfg.prompt_style()
 
@@ -231,6 +235,7 @@ def _scorer_name(cfg: DataConfig, items: list[Item]) -> str:
 
 def _engine_kw(cfg: DataConfig) -> dict:
     return dict(dtype=cfg.dtype, device=cfg.device, max_concurrency=cfg.max_concurrency, api_key=cfg.api_key,
+                timeout=cfg.timeout, max_retries=cfg.max_retries,
                 tensor_parallel_size=cfg.tensor_parallel_size, seed=cfg.seed, context_window=cfg.context_window)
 
 

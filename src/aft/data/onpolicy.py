@@ -91,7 +91,8 @@ def base_engine(model, tokenizer, **kw):
 
 def load_model_engine(model: str, engine: str = "auto", dtype: str = "auto", device: str = "auto",
                       max_concurrency: int = 8, api_key: str | None = None, tensor_parallel_size: int = 1,
-                      seed: int = 0, context_window: int | None = None, gpu_memory_utilization: float | None = None):
+                      seed: int = 0, context_window: int | None = None, gpu_memory_utilization: float | None = None,
+                      timeout: float | None = None, max_retries: int | None = None):
     """Any engine for a --model value. A local transformers model is loaded here so that a base
     model (no chat template) can be given raw prompts; other kinds go through aft.engines.load_engine."""
     from ..models import resolve
@@ -109,7 +110,7 @@ def load_model_engine(model: str, engine: str = "auto", dtype: str = "auto", dev
             raise AftError(f"the {spec.kind} engine is not available in this install") from None
         eng = load_engine(spec, dtype=dtype, device=device, max_concurrency=max_concurrency, api_key=api_key,
                           tensor_parallel_size=tensor_parallel_size, seed=seed,
-                          gpu_memory_utilization=gpu_memory_utilization)
+                          gpu_memory_utilization=gpu_memory_utilization, timeout=timeout, max_retries=max_retries)
     if context_window:
         eng.context_window = context_window
     return eng

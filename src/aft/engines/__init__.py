@@ -26,6 +26,16 @@ ENGINE_OPTIONS = {
 }
 
 
+def check_request_limits(timeout: float, max_retries: int) -> None:
+    """The --timeout and --max_retries of remote engines: a positive time, a count >= 0."""
+    from ..errors import AftError
+
+    if not timeout > 0:
+        raise AftError(f"timeout must be > 0 seconds, got {timeout}")
+    if max_retries < 0:
+        raise AftError(f"max_retries must be >= 0, got {max_retries}")
+
+
 def load_engine(spec: ModelSpec, **opts) -> Engine:
     """Build the engine for a resolved model (see models.resolve).
 
@@ -68,5 +78,5 @@ def open_engine(model: str, engine: str = "auto", context_window: int | None = N
     return eng, spec
 
 
-__all__ = ["Completion", "Engine", "Request", "Result", "SamplingParams", "derive_seed", "load_engine",
-           "open_engine", "sample_seeds"]
+__all__ = ["Completion", "Engine", "Request", "Result", "SamplingParams", "check_request_limits", "derive_seed",
+           "load_engine", "open_engine", "sample_seeds"]

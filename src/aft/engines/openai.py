@@ -34,11 +34,15 @@ generation_config.json (e.g. top_k 20, repetition_penalty 1.05). So every call
 states them: `top_k` (-1 = off, as vLLM, SGLang and llama.cpp read it),
 `repetition_penalty` 1.0 and `min_p` 0.0, unless the server refused them.
 
-Retries: the openai client itself retries connection errors, timeouts, 408,
-409, 429 and 5xx with exponential back-off (0.5 s doubling, capped at 8 s, with
-jitter; `Retry-After` honoured) up to `max_retries` times. What is left after
-that, and the errors not worth retrying (400, 401, 403, 404), become an
-`AftError` naming the URL and the model.
+Timeouts and retries: each attempt of a call may take `timeout` seconds
+(default 300: a long generation on a busy server, not a hung one); the openai
+client itself retries connection errors, timeouts, 408, 409, 429 and 5xx with
+exponential back-off (0.5 s doubling, capped at 8 s, with jitter; `Retry-After`
+honoured) up to `max_retries` times (default 2). What is left after that, and
+the errors not worth retrying (400, 401, 403, 404), become an `AftError` naming
+the URL and the model; so does a reply that is not an OpenAI JSON response.
+While calls are unanswered a log line every `min(30 s, timeout / 3)` says how
+many, for how long, and from which server.
 
 Token counts: `usage` gives the prompt tokens, and the completion tokens of all
 n choices together. With a `tokenizer` each choice is counted exactly;
@@ -52,7 +56,8 @@ import logging
 import os
 import re
 import threading
-from concurrent.futures import ThreadPoolExecutor
+import time
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
 import openai
 
@@ -60,6 +65,9 @@ from ..errors import AftError
 from .base import Completion, Engine, Request, Result, SamplingParams, sample_seeds
 
 log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT = 300.0  # seconds per attempt of one call
+DEFAULT_MAX_RETRIES = 2
 
 # Status codes with which a server refuses n > 1 (llama.cpp: 500 "Only one completion choice is allowed").
 _REFUSES_N = {400, 422, 500, 501}
@@ -74,7 +82,7 @@ class OpenAIEngine(Engine):
     name = "openai"
 
     def __init__(self, base_url: str, model: str | None = None, api_key: str | None = None,
-                 max_concurrency: int = 8, timeout: float = 600.0, max_retries: int = 4,
+                 max_concurrency: int = 8, timeout: float = DEFAULT_TIMEOUT, max_retries: int = DEFAULT_MAX_RETRIES,
                  tokenizer=None, context_window: int | None = None):
         """base_url like "http://host:8000/v1"; model "" or None = the server's first model.
 
@@ -139,6 +147,7 @@ class OpenAIEngine(Engine):
         futures = [pool.submit(self._call, requests[i].messages, requests[i].params, len(slots), seed)
                    for i, slots, seed in calls]
         try:
+            self._wait_saying_so(futures)
             for (i, slots, seed), fut in zip(calls, futures):
                 completions, prompt_tokens = fut.result()
                 res = results[i]
@@ -154,6 +163,17 @@ class OpenAIEngine(Engine):
             for f in futures:
                 f.cancel()
             raise
+
+    def _wait_saying_so(self, futures) -> None:
+        """Wait for the calls (or the first error), logging now and then what is still unanswered."""
+        t0, every = time.monotonic(), min(30.0, self.timeout / 3)
+        while True:
+            done, pending = wait(futures, timeout=every, return_when=FIRST_EXCEPTION)
+            if not pending or any(f.exception() is not None for f in done):
+                return
+            log.warning("waiting for %s (model %s): %d of %d requests unanswered after %.0f s (timeout %g s per "
+                        "attempt, %d attempt%s)", self.base_url, self.model, len(pending), len(futures),
+                        time.monotonic() - t0, self.timeout, self.max_retries + 1, "s" if self.max_retries else "")
 
     def _note_n(self, asked: int, got: int) -> None:
         if got < asked and self.honours_n is not False:
@@ -207,6 +227,9 @@ class OpenAIEngine(Engine):
                     probing, client = False, self.client  # busy, flaky or unreachable: ask again, with retries
                     continue
                 raise self._error(e) from e
+        if not hasattr(resp, "choices"):  # the client hands back the body as text when it is not JSON
+            raise AftError(f"{self.base_url} (model {self.model!r}): the reply is not an OpenAI chat completion "
+                           f"(is this an OpenAI-compatible /v1 URL?): {_one_line(resp)[:120]!r}")
         choices = sorted(resp.choices, key=lambda c: c.index)[:n]
         texts = [c.message.content or "" for c in choices]
         finish = ["length" if c.finish_reason == "length" else "stop" for c in choices]
@@ -258,10 +281,14 @@ class OpenAIEngine(Engine):
         return True
 
     def _first_model(self) -> str:
+        log.info("asking %s which models it serves (timeout %g s)", self.base_url, self.timeout)
         try:
             ids = [m.id for m in self.client.models.list()]
         except openai.OpenAIError as e:
             raise self._error(e) from e
+        except (AttributeError, TypeError, ValueError):  # a reply that is not an OpenAI model list
+            raise AftError(f"{self.base_url}: /models did not return an OpenAI model list; is this an "
+                           f"OpenAI-compatible /v1 URL? (or name the model: {self.base_url}#MODEL)") from None
         if not ids:
             raise AftError(f"{self.base_url}: the server lists no models; name one as {self.base_url}#MODEL")
         log.info("%s: using the server's first model, %s", self.base_url, ids[0])

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import config as cfglib
-from ..engines import open_engine
+from ..engines import check_request_limits, open_engine
 from ..errors import AftError
 from ..io import JsonlAppender, done_ids, output_lock, read_jsonl, write_json
 from ..prompts import STYLES, PromptStyle
@@ -78,6 +78,8 @@ class EvalConfig:
     dtype: str = opt("auto", "hf engine: auto, float32, bfloat16, float16")
     device: str = opt("auto", "hf engine: auto, cpu, cuda ...")
     max_concurrency: int = opt(8, "openai engine: requests in flight")
+    timeout: float = opt(300.0, "openai engine: seconds to wait for one reply before retrying")
+    max_retries: int = opt(2, "openai engine: retries of a timed-out, dropped or 429/5xx call")
     tensor_parallel_size: int = opt(1, "vllm engine: GPUs per replica")
     context_window: int | None = opt(None, "override the model's context window (tokens)")
 
@@ -134,6 +136,7 @@ def load_config(config_file: str | None, flags: dict) -> EvalConfig:
         raise AftError("top_p and final_layer_top_p must be in (0, 1]")
     if cfg.temperature <= 0:
         raise AftError("temperature must be > 0 (greedy is its own strategy)")
+    check_request_limits(cfg.timeout, cfg.max_retries)
     cfg.sampling()
     strategies = cfg.strategy_list()
     cfg.seed_list()
@@ -202,6 +205,7 @@ def _run_eval_locked(cfg: EvalConfig, engine, progress) -> Summary:
         if own_engine:
             engine, spec = open_engine(cfg.model, cfg.engine, cfg.context_window, dtype=cfg.dtype,
                                        device=cfg.device, max_concurrency=cfg.max_concurrency,
+                                       timeout=cfg.timeout, max_retries=cfg.max_retries,
                                        tensor_parallel_size=cfg.tensor_parallel_size)
             fp = model_fingerprint(cfg.model, spec.adapter or spec.path)
         else:
