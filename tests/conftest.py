@@ -1,12 +1,18 @@
-"""Shared fixtures: the embedded model's folder and tiny random-init models built in code."""
+"""Shared fixtures: the embedded model's folder, tiny random-init models built in code, and a fake engine.
+
+Tests that use the embedded model's folder (the `embedded_dir` fixture) are marked `slow` here.
+"""
 
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pytest
 import torch
+
+from aft.engines.base import Completion, Engine, Result, derive_seed, sample_seeds
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -19,10 +25,20 @@ def embedded_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def tokenizer(embedded_dir):
+def tokenizer():
+    """The embedded model's tokenizer (tiny models use it): from the converted folder when it is there, else
+    read from the GGUF alone, so tiny-model tests never pay for converting the weights."""
+    import importlib.util
+
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(embedded_dir)
+    from aft.models import EMBEDDED_GGUF, EMBEDDED_PACKAGE, cache_dir
+
+    folder = cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    if (folder / "tokenizer.json").exists():
+        return AutoTokenizer.from_pretrained(folder)
+    package = list(importlib.util.find_spec(EMBEDDED_PACKAGE).submodule_search_locations)[0]
+    return AutoTokenizer.from_pretrained(package, gguf_file=EMBEDDED_GGUF)
 
 
 def tiny_llama(tokenizer, seed: int = 0, max_positions: int = 2048):
@@ -60,3 +76,60 @@ def reference_prompts() -> dict:
 def write_jsonl(path: Path, rows) -> Path:
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
     return path
+
+
+class FakeEngine(Engine):
+    """A deterministic stand-in for a model, for loop and strategy tests (milliseconds, any CPU).
+
+    A completion is a pure function of (messages, seed, sample index); with temperature 0 (greedy) of the
+    messages alone. A token is a word. Each text is a few words, then "Answer: <digit>", so votes and
+    verifiers have answers to work with. max_tokens cuts the words (finish_reason "length"); a stop string
+    cuts the text (finish_reason "stop"). Every batch received is kept in `calls`.
+    """
+
+    name = model = "fake"
+    WORDS = ("so", "the", "sum", "is", "then", "we", "add", "take", "away", "count", "it", "gives")
+
+    def __init__(self, context_window: int | None = None):
+        self.context_window = context_window
+        self.calls: list[list] = []
+
+    @property
+    def requests(self) -> list:
+        return [r for batch in self.calls for r in batch]
+
+    def count_tokens(self, messages):
+        return sum(3 + len(m["content"].split()) for m in messages)
+
+    def generate(self, requests):
+        self.calls.append(list(requests))
+        out = []
+        for req in requests:
+            p = req.params
+            seeds = sample_seeds(p)
+            comps = [self.complete(req.messages, None if p.temperature == 0 else seed, j if p.temperature else 0, p)
+                     for j, seed in enumerate(seeds)]
+            out.append(Result(comps, prompt_tokens=self.count_tokens(req.messages), seeds=seeds))
+        return out
+
+    def complete(self, messages, seed, j, params) -> Completion:
+        rng = random.Random(derive_seed(json.dumps(messages), seed, j))
+        words = [rng.choice(self.WORDS) for _ in range(rng.randint(2, 12))] + ["Answer:", str(rng.randint(0, 9))]
+        text = " ".join(words[: params.max_tokens])
+        finish = "length" if len(words) > params.max_tokens else "stop"
+        for s in params.stop:
+            if s in text:
+                text, finish = text[: text.index(s)], "stop"
+        return Completion(text, len(text.split()), finish)
+
+
+@pytest.fixture
+def fake_engine() -> FakeEngine:
+    return FakeEngine()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test that needs the embedded model's folder (it converts the GGUF on first use) is slow."""
+    for item in items:
+        if "embedded_dir" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

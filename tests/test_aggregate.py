@@ -1,24 +1,12 @@
+"""The propose-and-aggregate loop on a deterministic fake engine (conftest.FakeEngine): milliseconds, any CPU."""
+
 import pytest
 
 from aft.aggregate import PAConfig, generations_per_query, plan, propose_and_aggregate
-from aft.engines.base import Engine
 from aft.errors import AftError
 from aft.prompts import TRUNCATION_MARK, aggregator_messages, proposer_messages
 
-
-class Recording(Engine):
-    """The real tiny engine, with every request it received kept for inspection."""
-
-    def __init__(self, inner, context_window=None):
-        self.inner, self.calls = inner, []
-        self.context_window = context_window or inner.context_window
-
-    def generate(self, requests):
-        self.calls.append(requests)
-        return self.inner.generate(requests)
-
-    def count_tokens(self, messages):
-        return self.inner.count_tokens(messages)
+from conftest import FakeEngine
 
 
 Q1 = [{"role": "user", "content": "What is 2 + 2?"}]
@@ -39,9 +27,9 @@ def test_official_layer_semantics(n, L, layers, total):
     assert p[-1].params.top_p == cfg.final_layer_top_p
 
 
-def test_loop_is_layer_synchronous_and_feeds_outputs_forward(tiny_engine):
-    eng = Recording(tiny_engine)
-    cfg = PAConfig(n=3, num_aggregation=2, max_tokens=8, seed=5)
+def test_loop_is_layer_synchronous_and_feeds_outputs_forward(fake_engine):
+    eng = fake_engine
+    cfg = PAConfig(n=3, num_aggregation=2, max_tokens=4, seed=5)
     out = propose_and_aggregate(eng, [("a", Q1), ("b", Q2)], cfg)
     assert len(eng.calls) == 3  # one engine call per layer, both queries in it
     assert all(len(c) == 2 for c in eng.calls)
@@ -54,38 +42,55 @@ def test_loop_is_layer_synchronous_and_feeds_outputs_forward(tiny_engine):
     for rec in out:
         assert [t["role"] for t in rec["trace"]] == ["propose", "aggregate", "final"]
         assert rec["response"] == rec["trace"][-1]["outputs"][0]["text"]
-        assert all(o["tokens"] <= 8 and o["finish_reason"] in ("stop", "length") for t in rec["trace"]
-                   for o in t["outputs"])
+        # the engine's token counts and finish reasons are recorded as it returned them (a fake token is a word)
+        for o in (o for t in rec["trace"] for o in t["outputs"]):
+            assert o["tokens"] == len(o["text"].split()) <= 4 and (o["finish_reason"] == "stop" or o["tokens"] == 4)
+    assert {o["finish_reason"] for rec in out for t in rec["trace"] for o in t["outputs"]} == {"stop", "length"}
 
 
-def test_same_seed_same_output_and_independent_of_batching(tiny_engine):
+def test_same_seed_same_output_and_independent_of_batching(fake_engine):
+    """Each query's seeds come from its id, not its place in the batch (the fake's outputs follow the seed)."""
+    eng = fake_engine
     cfg = PAConfig(n=2, num_aggregation=1, max_tokens=6, seed=3)
-    both = propose_and_aggregate(tiny_engine, [("a", Q1), ("b", Q2)], cfg)
-    again = propose_and_aggregate(tiny_engine, [("a", Q1), ("b", Q2)], cfg)
-    alone = propose_and_aggregate(tiny_engine, [("b", Q2)], cfg)
+    both = propose_and_aggregate(eng, [("a", Q1), ("b", Q2)], cfg)
+    again = propose_and_aggregate(eng, [("a", Q1), ("b", Q2)], cfg)
+    alone = propose_and_aggregate(eng, [("b", Q2)], cfg)
     strip = lambda rec: [[o["text"] for o in t["outputs"]] for t in rec["trace"]]  # noqa: E731
     assert strip(both[0]) == strip(again[0]) and strip(both[1]) == strip(again[1])
     assert strip(both[1]) == strip(alone[0])
-    other = propose_and_aggregate(tiny_engine, [("a", Q1)], PAConfig(n=2, num_aggregation=1, max_tokens=6, seed=4))
+    other = propose_and_aggregate(eng, [("a", Q1)], PAConfig(n=2, num_aggregation=1, max_tokens=6, seed=4))
     assert strip(other[0]) != strip(both[0])
 
 
-def test_long_proposals_are_cut_to_fit_and_recorded(tiny_engine):
-    floor = tiny_engine.count_tokens(aggregator_messages(Q1, ["", "", ""]))
-    window = floor + 20 + 15  # room for about 15 proposal tokens; 3 proposals of 20 tokens are sampled
-    eng = Recording(tiny_engine, context_window=window)
+def test_long_proposals_are_cut_to_fit_and_recorded():
     cfg = PAConfig(n=3, num_aggregation=1, max_tokens=20, temperature=1.0, top_p=1.0, seed=1)
+    eng = FakeEngine()
+    proposals = [o["text"] for o in propose_and_aggregate(eng, [("a", Q1)], cfg)[0]["trace"][0]["outputs"]]
+    whole = eng.count_tokens(aggregator_messages(Q1, proposals))
+    eng = FakeEngine(context_window=whole + 20 - 8)  # 8 tokens short of room for the whole proposals
     out = propose_and_aggregate(eng, [("a", Q1)], cfg)
+    assert [o["text"] for o in out[0]["trace"][0]["outputs"]] == proposals
     final = out[0]["trace"][1]
     assert final["truncated"], "expected a truncation record"
     sent = eng.calls[1][0].messages[0]["content"]
     assert sent.count(TRUNCATION_MARK) == len(final["truncated"])
+    for t in final["truncated"]:  # each record names a proposal that was really cut, and by how much
+        assert t["from_chars"] == len(proposals[t["index"]]) and t["to_chars"] < t["from_chars"]
+        assert proposals[t["index"]][:t["to_chars"]] + TRUNCATION_MARK in sent
     assert all(f"{i}. " in sent for i in (1, 2, 3))  # no proposal dropped
-    assert tiny_engine.count_tokens(eng.calls[1][0].messages) + 20 <= window
+    assert eng.count_tokens(eng.calls[1][0].messages) + 20 <= eng.context_window
 
 
-def test_a_query_that_does_not_fit_fails_alone(tiny_engine):
-    eng = Recording(tiny_engine, context_window=400)
+def test_proposals_that_cannot_be_cut_to_fit_fail_their_query():
+    eng = FakeEngine()
+    floor = eng.count_tokens(aggregator_messages(Q1, ["", "", ""]))
+    eng.context_window = floor + 20 + 2  # the empty proposals fit, but not three truncation marks
+    out = propose_and_aggregate(eng, [("a", Q1)], PAConfig(n=3, num_aggregation=1, max_tokens=20, seed=1))
+    assert "cannot be cut" in out[0]["error"] and len(eng.calls) == 1
+
+
+def test_a_query_that_does_not_fit_fails_alone():
+    eng = FakeEngine(context_window=400)
     long_q = [{"role": "user", "content": "word " * 500}]
     out = propose_and_aggregate(eng, [("long", long_q), ("ok", Q1)], PAConfig(n=2, num_aggregation=1, max_tokens=4))
     assert "error" in out[0] and "context window" in out[0]["error"]

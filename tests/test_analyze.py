@@ -11,16 +11,15 @@ import torch
 
 from aft.analyze import PerplexityConfig, paired_rows, run_perplexity, table, target_nll
 from aft.errors import AftError
-from aft.models import embedded_model_dir
 
 FIX = Path(__file__).parent / "fixtures" / "train" / "data"
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+def tiny_dir(tmp_path_factory, tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(embedded_model_dir())
+    tok = tokenizer
     torch.manual_seed(0)
     lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

@@ -60,10 +60,10 @@ def test_on_policy_chat_model_verifier_best(tmp_path, tiny_engine):
     assert json.loads((tmp_path / "o" / "data_card.json").read_text())["scores"]["verifier"]
 
 
-def test_on_policy_base_model_gets_demonstrations_prompt(tmp_path, embedded_dir):
-    from transformers import AutoTokenizer
+def test_on_policy_base_model_gets_demonstrations_prompt(tmp_path, tokenizer):
+    import copy
 
-    tok = AutoTokenizer.from_pretrained(embedded_dir)
+    tok = copy.deepcopy(tokenizer)
     tok.chat_template = None  # a base model
     eng = base_engine(tiny_llama(tok, seed=1), tok, display_name="tiny-base")
     assert eng.raw_prompt

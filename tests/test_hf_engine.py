@@ -234,11 +234,8 @@ def test_plain_sampling_follows_the_distribution():
     assert bool((greedy == 3).all())
 
 
-@pytest.mark.slow
-def test_embedded_model_greedy_equals_generate_and_stops_at_eos():
-    from aft.models import embedded_model_dir
-
-    eng = HFEngine.load(str(embedded_model_dir()), dtype="float32", device="cpu")
+def test_embedded_model_greedy_equals_generate_and_stops_at_eos(embedded_dir):
+    eng = HFEngine.load(str(embedded_dir), dtype="float32", device="cpu")
     qs = ["What is 2+2?", "Write a haiku about the sea."]
     refs = generate_greedy(eng, qs, 32)
     res = eng.generate([Request(msgs(q), SamplingParams(temperature=0, max_tokens=32)) for q in qs])

@@ -29,15 +29,10 @@ MODEL = "tiny-llama"
 
 
 @pytest.fixture(scope="module")
-def engine():
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+def engine(tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    from aft.models import embedded_model_dir
-
-    try:
-        tok = AutoTokenizer.from_pretrained(embedded_model_dir())
-    except AftError as e:
-        pytest.skip(str(e))
+    tok = tokenizer
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,

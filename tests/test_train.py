@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from aft.errors import AftError
-from aft.models import embedded_model_dir, resolve
+from aft.models import resolve
 from aft.train import TrainConfig, build_trainer, encode_rows, load_config, read_rows, run_train, setup_chat_template
 
 FIX = Path(__file__).parent / "fixtures" / "train" / "data"
@@ -22,10 +22,8 @@ LLAMA3_TEMPLATE = (
 
 
 @pytest.fixture(scope="module")
-def tok():
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(embedded_model_dir())
+def tok(tokenizer):
+    return copy.deepcopy(tokenizer)  # the tests change its template
 
 
 def tiny_llama(vocab: int, seed: int = 0):

@@ -135,7 +135,8 @@ def fit_proposals(
     """Shorten the longest proposals until the aggregator prompt fits `budget` tokens.
 
     Every proposal is kept (a cut one ends with TRUNCATION_MARK). Raises
-    AftError when even the query with empty proposals does not fit.
+    AftError when even the query with empty proposals, or with every proposal
+    cut to its truncation mark, does not fit.
     """
     props = list(proposals)
     n = count_tokens(aggregator_messages(query, props, style))
@@ -155,10 +156,15 @@ def fit_proposals(
             break
         lengths = sorted({len(p) for p in props}, reverse=True)
         longest = lengths[0]
+        if longest == 0:
+            break
         excess_chars = max(16, int((n - budget) * 4 / max(1, sum(len(p) == longest for p in props))))
         target = max(lengths[1] if len(lengths) > 1 else 0, longest - excess_chars, 0)
         props = [p[:target] if len(p) == longest else p for p in props]
         n = count_tokens(aggregator_messages(query, _marked(props, original), style))
+    if n > budget:  # even fully cut, the truncation marks themselves do not fit
+        raise AftError(f"the proposals cannot be cut to fit {budget} prompt tokens (context window minus "
+                       f"max_tokens): {n} with every proposal cut")
     props = _marked(props, original)
     truncated = [
         {"index": i, "from_chars": original[i], "to_chars": len(p) - len(TRUNCATION_MARK)}
