@@ -84,7 +84,8 @@ class FakeEngine(Engine):
     A completion is a pure function of (messages, seed, sample index); with temperature 0 (greedy) of the
     messages alone. A token is a word. Each text is a few words, then "Answer: <digit>", so votes and
     verifiers have answers to work with. max_tokens cuts the words (finish_reason "length"); a stop string
-    cuts the text (finish_reason "stop"). Every batch received is kept in `calls`.
+    cuts the text (finish_reason "stop"). Every batch received is kept in `calls`, every result returned in
+    `results`.
     """
 
     name = model = "fake"
@@ -93,6 +94,7 @@ class FakeEngine(Engine):
     def __init__(self, context_window: int | None = None):
         self.context_window = context_window
         self.calls: list[list] = []
+        self.results: list[Result] = []
 
     @property
     def requests(self) -> list:
@@ -110,6 +112,7 @@ class FakeEngine(Engine):
             comps = [self.complete(req.messages, None if p.temperature == 0 else seed, j if p.temperature else 0, p)
                      for j, seed in enumerate(seeds)]
             out.append(Result(comps, prompt_tokens=self.count_tokens(req.messages), seeds=seeds))
+        self.results += out
         return out
 
     def complete(self, messages, seed, j, params) -> Completion:

@@ -1,4 +1,7 @@
-"""The evaluation stage: extraction, strategies and their accounting, cache, report, exporters, judge."""
+"""The evaluation stage: extraction, strategies and their accounting, cache, report, exporters, judge.
+
+Strategies, the cache, the run and the exporters run on conftest.FakeEngine (milliseconds); the tiny model
+appears where the model itself matters (parameter count, reward model)."""
 
 from __future__ import annotations
 
@@ -9,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from aft.data.verify import extract_answer, is_correct
-from aft.engines.base import Engine
 from aft.errors import AftError
 from aft.evaluate.cache import CachedEngine
 from aft.evaluate.compute import num_parameters
@@ -17,30 +19,12 @@ from aft.evaluate.stats import bootstrap_ci, paired_difference
 from aft.evaluate.strategies import Sampling, best_pick, majority_pick, parse_strategy, run_strategy
 from aft.evaluate.tasks import Task, answer_key, gsm8k_answer, load_gsm8k, load_task
 
-from conftest import FIXTURES, write_jsonl
+from conftest import FIXTURES, FakeEngine, write_jsonl
 
 EVAL = FIXTURES / "eval"
 GSM = EVAL / "gsm8k_sample.jsonl"
 HAS_MTBENCH = importlib.util.find_spec("mtbench_evaluator") is not None
 HAS_LM_EVAL = importlib.util.find_spec("lm_eval") is not None and importlib.util.find_spec("langdetect") is not None
-
-
-class Recording(Engine):
-    """The real engine; every result it returns is kept, to compare with what the strategies account."""
-
-    def __init__(self, inner):
-        self.inner, self.results, self.requests = inner, [], []
-        self.model, self.context_window = inner.model, inner.context_window
-        self.lm = inner.lm
-
-    def generate(self, requests):
-        res = self.inner.generate(requests)
-        self.requests += requests
-        self.results += res
-        return res
-
-    def count_tokens(self, messages):
-        return self.inner.count_tokens(messages)
 
 
 # ----------------------------------------------------------------- extraction
@@ -137,7 +121,7 @@ def test_reasoning_gym_task_is_the_held_out_split():
         load_task("arith1")
 
 
-def test_best_of_n_with_a_reward_model_picks_its_top_score(tiny_engine, tokenizer, tmp_path):
+def test_best_of_n_with_a_reward_model_picks_its_top_score(fake_engine, tokenizer, tmp_path):
     """The fair best-of-N: a real (tiny, random) sequence-classification model scores the candidates."""
     import torch
     from transformers import LlamaConfig, LlamaForSequenceClassification
@@ -151,7 +135,7 @@ def test_best_of_n_with_a_reward_model_picks_its_top_score(tiny_engine, tokenize
     tokenizer.save_pretrained(tmp_path / "rm")
     scorer = RewardModelScorer.load(str(tmp_path / "rm"))
     task = Task("gsm", "gsm8k", f"gsm8k:{GSM}", load_gsm8k(GSM)[:3])
-    recs = run_strategy(tiny_engine, task, task.items, parse_strategy("best_of_n:n=3,scorer=reward_model"),
+    recs = run_strategy(fake_engine, task, task.items, parse_strategy("best_of_n:n=3,scorer=reward_model"),
                         Sampling(temperature=1.0, max_tokens=6), seed=2, scorer=scorer)
     for it, rec in zip(task.items, recs):
         texts = [c["text"] for c in rec["candidates"]]
@@ -168,36 +152,45 @@ STRATEGIES = ["greedy", "sample", "pa:k=2,l=1", "pa:k=1,l=2", "best_of_n:n=3,sco
 
 
 @pytest.mark.parametrize("spec", STRATEGIES)
-def test_every_strategy_runs_and_accounts_the_engines_tokens(tiny_engine, spec):
-    eng = Recording(tiny_engine)
+def test_every_strategy_runs_and_accounts_the_engines_tokens(fake_engine, spec):
+    eng = fake_engine
     task = Task("gsm", "gsm8k", f"gsm8k:{GSM}", load_gsm8k(GSM)[:3])
     strat = parse_strategy(spec)
     recs = run_strategy(eng, task, task.items, strat, Sampling(max_tokens=6), seed=1)
     assert [r["id"] for r in recs] == [it.id for it in task.items]
-    assert all(isinstance(r["response"], str) and isinstance(r["correct"], bool) for r in recs)
+    assert all(isinstance(r["response"], str) and r["correct"] == task.check(it, r["response"])
+               for it, r in zip(task.items, recs))
     reported_prompt = sum(r.prompt_tokens for r in eng.results)
     reported_gen = sum(c.tokens for r in eng.results for c in r.completions)
+    assert reported_gen > 0
     assert sum(r["usage"].prompt_tokens for r in recs) == reported_prompt
     assert sum(r["usage"].completion_tokens for r in recs) == reported_gen
     assert sum(r["usage"].generations for r in recs) == sum(len(r.completions) for r in eng.results)
     expected = {"greedy": 1, "sample": 1, "pa-k2-l1": 3, "pa-k1-l2": 3, "bon-n3-oracle": 3, "majority-n3": 3}
     assert all(r["usage"].generations == expected[strat.name] for r in recs)
-    params = num_parameters(eng)
-    assert params == sum(p.numel() for p in tiny_engine.lm.parameters())
-    d = recs[0]["usage"].to_dict(params)
-    assert d["prefill_flops"] == 2 * params * d["prompt_tokens"] and d["decode_flops"] == 2 * params * d[
-        "completion_tokens"]
     if strat.kind == "majority":
         for r in recs:
             votes = [c["vote"] for c in r["candidates"]]
-            assert r["picked"] == majority_pick(votes)
+            assert r["picked"] == majority_pick(votes) and r["response"] == r["candidates"][r["picked"]]["text"]
     if strat.kind == "best_of_n":  # the oracle picks a correct candidate whenever there is one
         for r in recs:
             assert r["correct"] == any(c["score"] == 1.0 for c in r["candidates"])
 
 
-def test_cache_shares_samples_between_strategies(tiny_engine, tmp_path):
-    rec_engine = Recording(tiny_engine)
+def test_flops_count_the_local_models_parameters(tiny_engine):
+    params = num_parameters(tiny_engine)
+    assert params == sum(p.numel() for p in tiny_engine.lm.parameters())
+    task = Task("gsm", "gsm8k", f"gsm8k:{GSM}", load_gsm8k(GSM)[:1])
+    d = run_strategy(tiny_engine, task, task.items, parse_strategy("greedy"), Sampling(max_tokens=2),
+                     seed=1)[0]["usage"].to_dict(params)
+    assert d["prompt_tokens"] > 0 and d["completion_tokens"] > 0
+    assert d["prefill_flops"] == 2 * params * d["prompt_tokens"] and d["decode_flops"] == 2 * params * d[
+        "completion_tokens"]
+    assert num_parameters(FakeEngine()) is None
+
+
+def test_cache_shares_samples_between_strategies(fake_engine, tmp_path):
+    rec_engine = fake_engine
     cached = CachedEngine(rec_engine, tmp_path / "gen.jsonl", "tiny")
     task = Task("gsm", "gsm8k", "gsm8k", load_gsm8k(GSM)[:2])
     s = Sampling(max_tokens=5)
@@ -220,15 +213,15 @@ def test_cache_shares_samples_between_strategies(tiny_engine, tmp_path):
 
 
 # ------------------------------------------------------------ run and report
-def test_run_then_rebuild_report_from_cache_without_an_engine(tiny_engine, tmp_path):
+def test_run_then_rebuild_report_from_cache_without_an_engine(fake_engine, tmp_path):
     from aft.cli import main
     from aft.evaluate.report import table_rows, write_report
     from aft.evaluate.run import load_config, run_eval
 
     flags = {"out": str(tmp_path / "ev"), "model": "tiny", "tasks": [f"gsm8k:{GSM}"], "limit": 2, "max_tokens": 3,
              "seeds": [0, 1], "strategies": ["greedy", "majority:n=2"], "sweep": True, "sweep_k": [1, 2],
-             "sweep_l": [0, 1], "n_boot": 200}
-    s = run_eval(load_config(None, flags), engine=tiny_engine)
+             "sweep_l": [0, 1], "n_boot": 200, "num_parameters": 1000}
+    s = run_eval(load_config(None, flags), engine=fake_engine)
     out = tmp_path / "ev"
     assert s.answered == 2 * 5 * 2  # seeds x strategies (greedy, majority, sample, pa-k1-l1, pa-k2-l1) x questions
     assert s.cache_hits > 0
@@ -251,11 +244,11 @@ def test_run_then_rebuild_report_from_cache_without_an_engine(tiny_engine, tmp_p
         (out / "tiny" / "gsm8k-gsm8k_sample" / "pa-k2-l1.seed1.jsonl").open()) / 2) < 1e-9
     assert main(["eval", "report", str(out)]) == 0
     # rerun: everything cached; a changed setting is refused instead of mixed in
-    assert run_eval(load_config(None, flags), engine=tiny_engine).answered == 0
+    assert run_eval(load_config(None, flags), engine=fake_engine).answered == 0
     with pytest.raises(AftError, match="different max_tokens"):
-        run_eval(load_config(None, {**flags, "max_tokens": 5}), engine=tiny_engine)
+        run_eval(load_config(None, {**flags, "max_tokens": 5}), engine=fake_engine)
     with pytest.raises(AftError, match="different max_tokens"):  # also when nothing is left to answer
-        run_eval(load_config(None, {**flags, "max_tokens": 5, "limit": 1}), engine=tiny_engine)
+        run_eval(load_config(None, {**flags, "max_tokens": 5, "limit": 1}), engine=fake_engine)
 
 
 def test_config_errors(tmp_path):
@@ -270,13 +263,13 @@ def test_config_errors(tmp_path):
 
 
 # ------------------------------------------------------------------ exporters
-def test_alpaca_eval_export_parses_as_alpaca_eval_reads_it(tiny_engine, tmp_path):
+def test_alpaca_eval_export_parses_as_alpaca_eval_reads_it(fake_engine, tmp_path):
     import pandas as pd
 
     from aft.evaluate.export import export_alpaca_eval, load_instructions
 
     inst = load_instructions(EVAL / "alpaca_instructions.json")
-    path = export_alpaca_eval(tiny_engine, tmp_path / "out.json", parse_strategy("greedy"), Sampling(max_tokens=4),
+    path = export_alpaca_eval(fake_engine, tmp_path / "out.json", parse_strategy("greedy"), Sampling(max_tokens=4),
                               "tiny-greedy", inst)
     rows = json.loads(path.read_text())
     assert isinstance(rows, list) and len(rows) == 2
@@ -286,7 +279,7 @@ def test_alpaca_eval_export_parses_as_alpaca_eval_reads_it(tiny_engine, tmp_path
     assert (df["generator"] == "tiny-greedy").all() and df["output"].map(type).eq(str).all()
     assert df["dataset"].tolist() == ["sample", "sample"]
     with pytest.raises(AftError, match="open-ended"):
-        export_alpaca_eval(tiny_engine, tmp_path / "x.json", parse_strategy("majority:n=2"), Sampling(), "m", inst)
+        export_alpaca_eval(fake_engine, tmp_path / "x.json", parse_strategy("majority:n=2"), Sampling(), "m", inst)
 
 
 @pytest.mark.skipif(not HAS_MTBENCH, reason="nvidia-mtbench-evaluator not installed "
@@ -309,10 +302,10 @@ def _mtbench_questions():
             {"question_id": 2, "category": "math", "turns": ["What is 2+2?", "And 3+3?"]}]
 
 
-def test_mtbench_export_is_fastchat_model_answer(tiny_engine, tmp_path):
+def test_mtbench_export_is_fastchat_model_answer(fake_engine, tmp_path):
     from aft.evaluate.export import export_mt_bench
 
-    eng = Recording(tiny_engine)
+    eng = fake_engine
     qs = _mtbench_questions()
     path = export_mt_bench(eng, tmp_path / "model_answer" / "tiny.jsonl", parse_strategy("greedy"),
                            Sampling(max_tokens=4), "tiny", qs)
@@ -346,8 +339,18 @@ def test_judge_rating_parse(text, score):
     assert judge_rating(text) == score
 
 
-def test_judge_writes_fastchat_judgments(tiny_engine, tmp_path):
-    from aft.evaluate.judge import judge_answers, load_judge_prompts, load_reference_answers
+class RatingJudge(FakeEngine):
+    """The fake engine, ending each judgment with a rating drawn like its answer (or no rating at all)."""
+
+    def complete(self, messages, seed, j, params):
+        c = super().complete(messages, seed, j, params)
+        digit = c.text.rsplit(" ", 1)[-1]
+        rating = "" if digit in ("0", "1") else f" Rating: [[{digit}]]"
+        return type(c)(c.text + rating, c.tokens + bool(rating) * 2, c.finish_reason)
+
+
+def test_judge_writes_fastchat_judgments(tmp_path):
+    from aft.evaluate.judge import judge_answers, judge_rating, load_judge_prompts, load_reference_answers
 
     qs = _mtbench_questions()
     answers = [{"question_id": q["question_id"], "choices": [{"index": 0, "turns": ["A line.", "Short."]}]}
@@ -356,13 +359,20 @@ def test_judge_writes_fastchat_judgments(tiny_engine, tmp_path):
     if prompts is None:  # without the package only first turns can be graded
         answers = [{**a, "choices": [{"index": 0, "turns": a["choices"][0]["turns"][:1]}]} for a in answers]
     out = tmp_path / "judgment.jsonl"
-    summary = judge_answers(tiny_engine, qs, answers, out, "tiny", "tiny-judge", prompts, load_reference_answers(),
-                            max_tokens=4)
+    judge = RatingJudge()
+    summary = judge_answers(judge, qs, answers, out, "tiny", "tiny-judge", prompts, load_reference_answers(),
+                            max_tokens=20)
     rows = [json.loads(line) for line in out.open()]
     assert len(rows) == summary["judged"] == (4 if prompts else 2)
     for r in rows:
         assert {"question_id", "model", "judge", "user_prompt", "judgment", "score", "turn", "tstamp"} <= set(r)
-        assert r["score"] == -1 or 1 <= r["score"] <= 10
+        assert r["score"] == judge_rating(r["judgment"])
+    # each row is the judge's reply to exactly the prompt recorded with it
+    assert [r["judgment"] for r in rows] == [res.completions[0].text for res in judge.results]
+    assert [r["user_prompt"] for r in rows] == [req.messages[-1]["content"] for req in judge.requests]
+    rated = [r["score"] for r in rows if r["score"] != -1]
+    assert rated and summary["score"] == pytest.approx(sum(rated) / len(rated), abs=1e-3)
+    assert summary["unparsed"] == len(rows) - len(rated)
     if prompts:
         assert "A line." in rows[0]["user_prompt"] and {r["turn"] for r in rows} == {1, 2}
 
