@@ -16,7 +16,7 @@ import sys
 from ..errors import AftError
 
 # sub-command -> module in aft.cli; each module has add_parser(subparsers)
-COMMANDS = ["infer", "data", "train", "analyze", "eval"]
+COMMANDS = ["infer", "data", "train", "analyze", "eval", "view"]
 
 
 def build_parser() -> argparse.ArgumentParser:
