@@ -124,7 +124,8 @@ class _Checker:
     reference (numeric or normalised text match) and the question is not shown.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, tasks: dict):
+        """`tasks`: the tasks already rebuilt, by (spec, split settings), shared between files."""
         self.task, self.items = None, {}
         meta_path = path.with_name(path.name.replace(".jsonl", ".meta.json"))
         try:
@@ -133,9 +134,10 @@ class _Checker:
             settings = meta.get("settings", {})
             from .evaluate.tasks import load_task
 
-            spec = json.loads(spec) if spec.startswith("{") else spec
-            self.task = load_task(spec, settings.get("eval_size", 100), settings.get("pool_size", 1000),
-                                  settings.get("split_seed", 0))
+            split = (settings.get("eval_size", 100), settings.get("pool_size", 1000), settings.get("split_seed", 0))
+            if (spec, split) not in tasks:
+                tasks[spec, split] = load_task(json.loads(spec) if spec.startswith("{") else spec, *split)
+            self.task = tasks[spec, split]
             self.items = {it.id: it for it in self.task.items}
         except (OSError, ValueError, KeyError, TypeError, AttributeError, AftError, ImportError) as e:
             log.warning("%s: cannot rebuild the task from %s (%s); proposals are checked against the recorded "
@@ -299,7 +301,7 @@ def load_runs(paths: list[str | Path], min_words: int = MIN_WORDS) -> list[dict]
     or a file none of whose records is an `aft infer` output or an `aft eval run` record."""
     if not paths:
         raise AftError("no files given")
-    queries = []
+    queries, tasks = [], {}
     for p in paths:
         path = Path(p)
         if path.is_dir():
@@ -311,7 +313,7 @@ def load_runs(paths: list[str | Path], min_words: int = MIN_WORDS) -> list[dict]
                 raise AftError(f"{where(path, line)}not an `aft infer` output or `aft eval run` record "
                                f"(expected the fields id and trace, or strategy and correct)")
             if kind == "eval" and checker is None:
-                checker = _Checker(path)
+                checker = _Checker(path, tasks)
             queries.append(_query(path, line, rec, kind, checker, min_words))
             found += 1
         if not found:
