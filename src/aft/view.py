@@ -125,38 +125,34 @@ class _Checker:
     """
 
     def __init__(self, path: Path, tasks: dict):
-        """`tasks`: the tasks already rebuilt, by (spec, split settings), shared between files."""
+        """`tasks`: the tasks already rebuilt (evaluate.tasks.task_of_meta's cache), shared between files."""
+        from .evaluate.tasks import task_of_meta
+
         self.task, self.items = None, {}
         meta_path = path.with_name(path.name.replace(".jsonl", ".meta.json"))
         try:
-            meta = json.loads(meta_path.read_text())
-            spec = meta["task"]["spec"]
-            settings = meta.get("settings", {})
-            from .evaluate.tasks import load_task
-
-            split = (settings.get("eval_size", 100), settings.get("pool_size", 1000), settings.get("split_seed", 0))
-            if (spec, split) not in tasks:
-                tasks[spec, split] = load_task(json.loads(spec) if spec.startswith("{") else spec, *split)
-            self.task = tasks[spec, split]
-            self.items = {it.id: it for it in self.task.items}
+            self.task, self.items = task_of_meta(json.loads(meta_path.read_text()), tasks)
         except (OSError, ValueError, KeyError, TypeError, AttributeError, AftError, ImportError) as e:
-            log.warning("%s: cannot rebuild the task from %s (%s); proposals are checked against the recorded "
+            log.warning("%s: cannot rebuild the task from %s (%s); answers are checked against the recorded "
                         "reference", path, meta_path.name, e)
 
     def question(self, qid: str) -> str | None:
+        """What the model was asked (the last user message)."""
         item = self.items.get(qid)
         return _last_user(item.query) if item else None
 
-    def check(self, qid: str, reference, text: str | None) -> bool | None:
+    def check(self, qid: str, reference, text: str | None) -> tuple[bool | None, str | None]:
+        """(correct, extracted answer) of `text`."""
         from .data.verify import extract_answer, is_correct
 
         item = self.items.get(qid)
         if item is not None:
             ok = self.task.check(item, text)
-            return None if ok is None else bool(ok)
+            extracted = extract_answer(text, item.meta.get("question")) if self.task.has_answers else None
+            return (None if ok is None else bool(ok)), extracted
         if reference is None:
-            return None
-        return is_correct(text, str(reference)) if extract_answer(text) is not None else False
+            return None, extract_answer(text)
+        return is_correct(text, str(reference)), extract_answer(text)
 
 
 def _last_user(messages) -> str | None:
@@ -287,11 +283,8 @@ def _query(path: Path, line: int, rec: dict, kind: str, checker: _Checker | None
     _annotate(q["layers"], min_words)
     q["cut"] = any("cut" in o for layer in q["layers"] for o in layer["outputs"])
     if kind == "eval" and checker is not None:
-        from .data.verify import extract_answer
-
         for o in [o for layer in q["layers"] for o in layer["outputs"]] + q["candidates"]:
-            o["correct"] = checker.check(qid, q["reference"], o["text"])
-            o["extracted"] = extract_answer(o["text"])
+            o["correct"], o["extracted"] = checker.check(qid, q["reference"], o["text"])
     q["flags"] = _flags(q)
     return q
 

@@ -17,14 +17,9 @@ from pathlib import Path
 from ..errors import AftError
 from ..io import read_jsonl
 from .strategies import Strategy, finish_record
-from .tasks import load_task
+from .tasks import task_of_meta
 
 log = logging.getLogger(__name__)
-
-
-def _spec(spec: str):
-    """The task spec as the config gave it: "rg:arith1", or a reasoning-gym mapping stored as JSON."""
-    return json.loads(spec) if spec.startswith("{") else spec
 
 
 def rescore(out: str | Path) -> list[dict]:
@@ -42,14 +37,9 @@ def rescore(out: str | Path) -> list[dict]:
             log.warning("%s: no %s, skipped", path, meta_path.name)
             continue
         meta = json.loads(meta_path.read_text())
-        s, settings = meta["strategy"], meta.get("settings", {})
+        s = meta["strategy"]
         strategy = Strategy(s["kind"], k=s.get("k", 1), l=s.get("l", 0), n=s.get("n", 1), scorer=s.get("scorer", ""))
-        key = (meta["task"]["spec"], settings.get("eval_size", 100), settings.get("pool_size", 1000),
-               settings.get("split_seed", 0))
-        if key not in tasks:
-            task = load_task(_spec(key[0]), key[1], key[2], key[3])
-            tasks[key] = (task, {it.id: it for it in task.items})
-        task, items = tasks[key]
+        task, items = task_of_meta(meta, tasks)
         recs = [r for _, r in read_jsonl(path)]
         before = sum(bool(r.get("correct")) for r in recs)
         changed = 0

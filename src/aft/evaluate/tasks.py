@@ -106,6 +106,20 @@ def load_task(spec, eval_size: int = 100, pool_size: int = 1000, split_seed: int
     return task
 
 
+def task_of_meta(meta: dict, cache: dict | None = None) -> tuple[Task, dict]:
+    """The task an eval record file was answered on, from its .meta.json (spec and split settings), and its
+    items by id; `cache` (a dict) shares the tasks already built between files."""
+    settings = meta.get("settings", {})
+    spec = meta["task"]["spec"]
+    key = (spec, settings.get("eval_size", 100), settings.get("pool_size", 1000), settings.get("split_seed", 0))
+    cache = {} if cache is None else cache
+    if key not in cache:
+        # a reasoning-gym mapping is stored as JSON; any other spec as the config gave it
+        task = load_task(json.loads(spec) if spec.startswith("{") else spec, *key[1:])
+        cache[key] = (task, {it.id: it for it in task.items})
+    return cache[key]
+
+
 def _file_name(kind: str, path: str) -> str:
     return f"{kind}-{_safe(Path(path).stem)}"
 
