@@ -31,7 +31,7 @@ from urllib.parse import quote
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from aft.view import write_view  # noqa: E402
+from aft.view import write_view
 
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
          "--disable-component-update", "--disable-sync", "--enable-logging=stderr", "--v=0"]
@@ -49,7 +49,7 @@ def browse(page: Path, extra: list[str], tmp: Path, fragment: str = "") -> tuple
     url = page.resolve().as_uri() + (f"#{quote(fragment, safe='=&')}" if fragment else "")
     t0 = time.perf_counter()
     r = subprocess.run([chromium(), *FLAGS, f"--user-data-dir={profile}", *extra, url],
-                       capture_output=True, text=True, timeout=180)
+                       check=False, capture_output=True, text=True, timeout=180)
     return r, time.perf_counter() - t0
 
 

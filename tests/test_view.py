@@ -3,15 +3,13 @@ and bad input through the CLI."""
 
 import json
 from html.parser import HTMLParser
-from pathlib import Path
 
 import pytest
+from conftest import FIXTURES, write_jsonl
 
 from aft.cli import main
 from aft.errors import AftError
-from aft.view import build_html, copied_share, copied_spans, load_runs
-
-from conftest import FIXTURES, write_jsonl
+from aft.view import build_html, copied_share, copied_spans, load_runs, page_of_records
 
 GSM = FIXTURES / "eval" / "gsm8k_sample.jsonl"
 
@@ -159,6 +157,19 @@ def test_an_aggregation_copying_a_proposal_and_a_cut_proposal(infer_file):
     assert agg["copied"] == [0.0, 0.0, round(5 / 9, 3)]  # 5 of "I pick : red green blue cyan magenta ."
     assert q["layers"][0]["outputs"][1]["cut"] == {"to_chars": 11, "from_chars": 30, "by_layer": 1}
     assert "cut" not in q["layers"][0]["outputs"][0] and "cut" in q["flags"]
+
+
+def test_the_page_of_records_in_memory_is_the_page_of_their_file(infer_file):
+    """What a server can answer with: P&A results as propose_and_aggregate returns them, no file."""
+    rows = [json.loads(line) for line in infer_file.read_text().splitlines()]
+    results = [{k: r[k] for k in ("id", "response", "trace")} for r in rows]
+    _, data = page_data(page_of_records(results, source="POST /v1/chat/completions"))
+    from_file = load_runs([infer_file])
+    assert [q["id"] for q in data["queries"]] == ["add", "sky", "tea"]
+    assert [q["layers"] for q in data["queries"]] == [q["layers"] for q in from_file]
+    assert data["queries"][0]["file"] == "POST /v1/chat/completions" and data["queries"][0]["question"] is None
+    with pytest.raises(AftError, match=r"request:2: not an `aft infer` output"):
+        page_of_records([results[0], {"text": "hi"}])
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,10 @@
                             proposal: greedy string tiling, longest common word n-grams
                             first, at least MIN_WORDS words (or punctuation runs) each
     build_html(queries)     the page: the queries as inline JSON, the template's CSS and
-                            JS (resources/view.html), nothing fetched from anywhere;
-                            `aft serve` can call it with the queries of one request
+                            JS (resources/view.html), nothing fetched from anywhere
+    page_of_records(records)
+                            the same page for records in memory (e.g. P&A results):
+                            what `aft serve` can answer with for one request's trace
 
 Everything the page needs is computed here at build time (spans, correctness,
 filters, the summary table), so it is testable in Python; the page's script only
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import heapq
 import html
+import itertools
 import json
 import logging
 import re
@@ -124,11 +127,14 @@ class _Checker:
     reference (numeric or normalised text match) and the question is not shown.
     """
 
-    def __init__(self, path: Path, tasks: dict):
-        """`tasks`: the tasks already rebuilt (evaluate.tasks.task_of_meta's cache), shared between files."""
+    def __init__(self, path: Path | None, tasks: dict):
+        """`path`: the record file (None: records in memory); `tasks`: the tasks already rebuilt
+        (evaluate.tasks.task_of_meta's cache), shared between files."""
         from .evaluate.tasks import task_of_meta
 
         self.task, self.items = None, {}
+        if path is None:
+            return
         meta_path = path.with_name(path.name.replace(".jsonl", ".meta.json"))
         try:
             self.task, self.items = task_of_meta(json.loads(meta_path.read_text()), tasks)
@@ -211,7 +217,7 @@ def _layers(trace, loc: str) -> list[dict]:
 
 def _annotate(layers: list[dict], min_words: int) -> None:
     """Mark cut proposals and compute each aggregation's copied spans against what it was shown."""
-    for prev, layer in zip(layers, layers[1:]):
+    for prev, layer in itertools.pairwise(layers):
         seen = [o["text"] for o in prev["outputs"]]
         order = layer["order"] if isinstance(layer["order"], list) else None
         for cut in layer["truncated"]:
@@ -256,17 +262,17 @@ def _flags(q: dict) -> list[str]:
     return flags
 
 
-def _query(path: Path, line: int, rec: dict, kind: str, checker: _Checker | None, min_words: int) -> dict:
-    loc = where(path, line)
+def _query(source: str, line: int, rec: dict, kind: str, checker: _Checker, min_words: int) -> dict:
+    loc = where(source, line)
     qid = str(rec.get("id", rec.get("question_id", line)))
-    q = {"file": str(path), "line": line, "id": qid, "kind": kind, "question": _question(rec),
+    q = {"file": source, "line": line, "id": qid, "kind": kind, "question": _question(rec),
          "response": rec.get("response"), "error": rec.get("error"), "finish_reason": rec.get("finish_reason"),
          "layers": _layers(rec["trace"], loc) if rec.get("trace") is not None else [], "candidates": []}
     if kind == "eval":
         q.update({k: rec.get(k) for k in ("task", "strategy", "seed", "label", "extracted", "reference", "correct",
                                          "picked")})
         q["usage"] = rec.get("usage") if isinstance(rec.get("usage"), dict) else {}
-        if q["question"] is None and checker is not None:
+        if q["question"] is None:
             q["question"] = checker.question(qid)
         cands = rec.get("candidates") or []
         if not isinstance(cands, list):
@@ -282,7 +288,7 @@ def _query(path: Path, line: int, rec: dict, kind: str, checker: _Checker | None
         q["finish_reason"] = q["layers"][-1]["outputs"][0]["finish_reason"]
     _annotate(q["layers"], min_words)
     q["cut"] = any("cut" in o for layer in q["layers"] for o in layer["outputs"])
-    if kind == "eval" and checker is not None:
+    if kind == "eval":
         for o in [o for layer in q["layers"] for o in layer["outputs"]] + q["candidates"]:
             o["correct"], o["extracted"] = checker.check(qid, q["reference"], o["text"])
     q["flags"] = _flags(q)
@@ -301,17 +307,29 @@ def load_runs(paths: list[str | Path], min_words: int = MIN_WORDS) -> list[dict]
             raise AftError(f"{path}: is a folder; give the .jsonl files (e.g. {path}/*/*/*.jsonl)")
         checker, found = None, 0
         for line, rec in read_jsonl(path):
-            kind = _kind(rec)
-            if kind is None:
-                raise AftError(f"{where(path, line)}not an `aft infer` output or `aft eval run` record "
-                               f"(expected the fields id and trace, or strategy and correct)")
-            if kind == "eval" and checker is None:
+            if checker is None and _kind(rec) == "eval":
                 checker = _Checker(path, tasks)
-            queries.append(_query(path, line, rec, kind, checker, min_words))
+            queries.append(_view(str(path), line, rec, checker, min_words))
             found += 1
         if not found:
             raise AftError(f"{path}: no records")
     return queries
+
+
+def _view(source: str, line: int, rec: dict, checker: _Checker | None, min_words: int) -> dict:
+    kind = _kind(rec)
+    if kind is None:
+        raise AftError(f"{where(source, line)}not an `aft infer` output or `aft eval run` record "
+                       f"(expected the fields id and trace, or strategy and correct)")
+    return _query(source, line, rec, kind, checker or _Checker(None, {}), min_words)
+
+
+def page_of_records(records: list[dict], source: str = "request", title: str = "aft view") -> str:
+    """The page for records already in memory: a P&A result ({"id", "response", "trace"}, as
+    aggregate.propose_and_aggregate returns it), an `aft infer` row or an eval record. This is what a
+    server (`aft serve`) can answer with for one request's trace. Eval records are checked against their
+    recorded reference (there is no .meta.json beside them to rebuild the task from)."""
+    return build_html([_view(source, i, rec, None, MIN_WORDS) for i, rec in enumerate(records, 1)], title)
 
 
 def summary_rows(queries: list[dict]) -> list[dict]:
