@@ -146,8 +146,7 @@ def test_batched_logits_agree_with_alone_up_to_rounding(engine):
     for a, b in zip(steps_alone[-5:], steps_batched[-5:]):
         assert b.shape[0] == 5  # really decoded together with the other 4 rows
         err = (b - a[0]).abs().amax(dim=-1).min().item()
-        assert err < 1e-3, err
-        assert err < (a[0].abs().amax().item() * 1e-3)
+        assert err < 1e-4 * a[0].abs().amax().item(), err  # fp32 rounding (2e-5 of logits ~10, measured)
 
 
 def test_max_tokens_gives_length_and_exactly_that_many_tokens(engine):
