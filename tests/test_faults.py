@@ -267,3 +267,85 @@ def test_server_answering_html_is_a_one_line_error(tmp_path, capsys, html_url):
     assert "the reply is not an OpenAI chat completion" in msg and "Welcome to nginx" in msg
     assert main(args + ["-m", html_url, "-o", str(tmp_path / "b.jsonl")]) == 2  # the model list is asked first
     assert "/models did not return an OpenAI model list" in one_line_error(capsys, "infer")
+
+
+# ------------------------------------------------------------------ 7. one line, never a traceback
+@pytest.mark.parametrize("case", ["file parent", "unwritable parent", "config folder", "corrupt model config",
+                                  "no cuda", "negative depth", "hub id offline"])
+def test_infer_setup_faults_are_one_line(tmp_path, capsys, monkeypatch, case):
+    import torch
+
+    inp = write_jsonl(tmp_path / "q.jsonl", QUESTIONS)
+    (tmp_path / "afile").write_text("keep me\n")
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text("{broken" if case == "corrupt model config" else "{}")
+    args, want = {
+        "file parent": (["-o", str(tmp_path / "afile" / "o.jsonl")], f"{tmp_path / 'afile'} is a file, not a folder"),
+        "unwritable parent": (["-o", "/proc/aft-faults/o.jsonl"], "cannot create the folder /proc/aft-faults"),
+        "config folder": (["--config", str(tmp_path)], f"{tmp_path}: is a folder, not a config file"),
+        "corrupt model config": (["-m", str(model)], "config.json' is not a valid JSON file"),
+        "no cuda": (["-m", str(model), "--device", "cuda"], "--device cuda: no CUDA device"),
+        "negative depth": (["-l", "-1", "-m", "no-such-model"], "num_aggregation must be >= 0, got -1"),
+        "hub id offline": (["-m", "no/such-model-here"], "hub id no/such-model-here ("),
+    }[case]
+    if case == "no cuda" and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    assert main(["infer", "-i", str(inp), *args]) == 2
+    msg = one_line_error(capsys, "infer")
+    assert want in msg
+    if case == "hub id offline":
+        assert msg.endswith(".)")  # the hub's reason to the end of its sentence, not cut mid-word
+    assert (tmp_path / "afile").read_text() == "keep me\n" and not list(tmp_path.glob("*.jsonl.config.json"))
+
+
+def test_dry_run_into_a_closed_pipe_stops_quietly(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "aft", "infer", "--dry-run", "-k", "60", "-l", "4"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # `| head` that has read enough
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and err == ""
+
+
+def test_eval_report_n_boot_zero(tmp_path, capsys):
+    assert main(["eval", "report", str(tmp_path), "--n_boot", "0"]) == 2
+    assert "--n_boot must be >= 1, got 0" in one_line_error(capsys, "eval")
+
+
+MT_ANSWER = {"question_id": 81, "model_id": "mine", "choices": [{"index": 0, "turns": ["Hi.", "Bye."]}]}
+
+
+@pytest.mark.parametrize("bad, want", [
+    ({"choices": "oops"}, 'answer 2 (question 82): field "choices": expected a list of {"turns": [...]}'),
+    ({"choices": [{"turns": [1]}]}, 'field "choices[0].turns": expected a list of texts'),
+    ({"question_id": 4242}, "answer 2 (question 4242): not among the questions"),
+])
+def test_judge_checks_answers_before_loading_a_judge(tmp_path, capsys, bad, want):
+    questions = write_jsonl(tmp_path / "question.jsonl", [{"question_id": q, "category": "writing",
+                                                           "turns": ["Say hi.", "Say bye."]} for q in (81, 82)])
+    answers = write_jsonl(tmp_path / "mine.jsonl", [MT_ANSWER, {**MT_ANSWER, "question_id": 82, **bad}])
+    before = snapshot(tmp_path)
+    rc = main(["eval", "judge", str(answers), "--questions", str(questions), "--judge_model", "no-such-judge"])
+    assert rc == 2
+    assert want in one_line_error(capsys, "eval")  # not "model 'no-such-judge' not found": no judge was loaded
+    assert snapshot(tmp_path) == before
+
+
+# ------------------------------------------------------------------ 13. judgments beside, not inside, model_answer
+def test_judgments_go_beside_the_answers_folder(tmp_path, capsys, echo_url):
+    questions = write_jsonl(tmp_path / "question.jsonl", [{"question_id": 81, "category": "writing",
+                                                           "turns": ["Say hi.", "Say bye."]}])
+    folder = tmp_path / "data" / "mt_bench" / "model_answer"
+    folder.mkdir(parents=True)
+    answers = write_jsonl(folder / "mine.jsonl", [MT_ANSWER])
+    judge = ["--questions", str(questions), "--judge_model", echo_url]
+    assert main(["eval", "judge", str(answers), *judge]) == 0
+    assert list(folder.iterdir()) == [answers]  # FastChat reads every file here as a model's answers
+    out = tmp_path / "data" / "mt_bench" / "model_judgment" / "echo_single.jsonl"  # FastChat's own layout
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [(r["model"], r["turn"]) for r in rows] == [("mine", 1), ("mine", 2)]
+    elsewhere = write_jsonl(tmp_path / "answers.jsonl", [MT_ANSWER])
+    assert main(["eval", "judge", str(elsewhere), *judge]) == 0
+    assert (tmp_path / "mine.judgment.jsonl").exists()  # named after the model it grades

@@ -102,7 +102,7 @@ def load_config(config_file: str | None, flags: dict) -> InferConfig:
     if cfg.temperature < 0 or cfg.final_layer_temperature < 0:
         raise AftError("temperatures must be >= 0")
     check_request_limits(cfg.timeout, cfg.max_retries)
-    cfg.pa()  # checks style / template file
+    plan(cfg.pa())  # checks style / template file and the layers
     return cfg
 
 

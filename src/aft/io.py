@@ -143,7 +143,7 @@ class JsonlAppender:
     def __init__(self, path: str | Path, key: str = "id"):
         self.path = Path(path)
         self.key = key
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_parent(self.path)
         self.done: set[str] = done_ids(self.path, key)
         self._f = open(self.path, "a", encoding="utf-8")
 
@@ -196,10 +196,27 @@ def repair_torn_tail(path: Path) -> None:
 def write_json(path: str | Path, obj) -> None:
     """Write a small JSON file atomically (temp file + rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_parent(path)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     tmp.replace(path)
+
+
+def make_folder(folder: str | Path) -> Path:
+    """mkdir -p, with a one-line AftError when a parent is a file or not writable."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in [folder, *folder.parents] if p.exists() and not p.is_dir()), folder)
+        raise AftError(f"cannot create the folder {folder}: {blocker} is a file, not a folder") from None
+    except OSError as e:
+        raise AftError(f"cannot create the folder {folder}: {e.strerror}") from None
+    return folder
+
+
+def make_parent(path: str | Path) -> None:
+    make_folder(Path(path).parent)
 
 
 def lock_path(output: str | Path) -> Path:
@@ -218,10 +235,7 @@ def output_lock(output: str | Path):
     makes this an AftError naming its pid.
     """
     path = lock_path(output)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise AftError(f"{path.parent}: cannot create the output folder: {e.strerror}") from None
+    make_parent(path)
     while True:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)

@@ -39,10 +39,15 @@ def cpu_has_bf16() -> bool:
 
 
 def default_device(device: str = "auto") -> str:
-    """"auto" -> this process's GPU (cuda:$LOCAL_RANK) where there is one, else "cpu"."""
-    if device != "auto":
-        return device
+    """"auto" -> this process's GPU (cuda:$LOCAL_RANK) where there is one, else "cpu". A CUDA device asked
+    for where torch sees none is an AftError."""
     import torch
+
+    if device != "auto":
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "torch sees no GPU"
+            raise AftError(f"--device {device}: no CUDA device ({why}); use --device cpu or auto")
+        return device
 
     return f"cuda:{local_rank()}" if torch.cuda.is_available() else "cpu"
 

@@ -118,6 +118,16 @@ def _adapter_base(adapter_dir: Path, base: str) -> str:
     return base
 
 
+def first_sentence(e: BaseException, limit: int = 240) -> str:
+    """The first sentence of an exception's message (whole, not cut mid-word), or its class name."""
+    text = "; ".join(" ".join(line.split()) for line in str(e).splitlines() if line.strip())
+    if not text:
+        return type(e).__name__
+    end = text.find(". ")
+    text = text[:end + 1] if 0 < end else text
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
+
+
 def _local_or_hub(model: str, for_vllm: bool = False) -> str:
     p = Path(model).expanduser()
     tried = [f"embedded short name ({EMBEDDED})", f"local folder {p.resolve()}"]
@@ -136,6 +146,6 @@ def _local_or_hub(model: str, for_vllm: bool = False) -> str:
 
             return snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
         except Exception as e:  # offline, gated, missing: all the same to the user
-            reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+            reason = first_sentence(e)
             raise AftError(f"model {model!r} not found; tried: {'; '.join(tried)} ({reason})") from None
     raise AftError(f"model {model!r} not found; tried: {'; '.join(tried)}")

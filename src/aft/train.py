@@ -31,7 +31,7 @@ from pathlib import Path
 
 from . import config as cfglib
 from .errors import AftError, where
-from .io import read_jsonl, read_text, write_json
+from .io import make_folder, read_jsonl, read_text, write_json
 from .prompts import ROLES, validate_messages
 
 log = logging.getLogger(__name__)
@@ -484,7 +484,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     load_s = time.time() - t_load
 
     # 6
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
     import yaml
 
     (out / "config.yaml").write_text(yaml.safe_dump(config_dict(cfg), sort_keys=False))

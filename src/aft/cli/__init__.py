@@ -55,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     except AftError as e:
         print(f"aft {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`aft infer --dry-run | head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes stdout
+        return 141  # 128 + SIGPIPE
     except KeyboardInterrupt:
         print(f"aft {args.command}: interrupted; results written so far are kept (rerun to resume)",
               file=sys.stderr)

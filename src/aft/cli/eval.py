@@ -63,7 +63,9 @@ def add_parser(sub) -> None:
     j.add_argument("--judge_model", "--judge-model", required=True, help="any --model value (a URL for an API judge)")
     j.add_argument("--judge_engine", "--judge-engine", default="auto", choices=("auto", "hf", "openai", "vllm"))
     j.add_argument("--questions", help="mt_bench: question.jsonl (default: the package's)")
-    j.add_argument("--output", "-o", help="judgments JSONL (default: <answers>.judgment.jsonl)")
+    j.add_argument("--output", "-o", help="judgments JSONL (default: model_judgment/<judge>_single.jsonl beside a "
+                                          "FastChat model_answer folder, else <model_id>.judgment.jsonl beside the "
+                                          "answers)")
     j.add_argument("--model_id", "--model-id", help="the graded model's name (default: from the answers)")
     j.add_argument("--max_tokens", "--max-tokens", type=int, default=512)
     j.add_argument("--limit", type=int, help="only the first N answers")
@@ -108,6 +110,8 @@ def run_main(args) -> int:
 def report_main(args) -> int:
     from ..evaluate.report import write_report
 
+    if args.n_boot < 1:
+        raise AftError(f"--n_boot must be >= 1, got {args.n_boot}")
     path = write_report(args.out, n_boot=args.n_boot, title=args.title)
     print(f"report: {path}")
     return 0
@@ -180,6 +184,7 @@ def export_main(args) -> int:
 def judge_main(args) -> int:
     from ..evaluate import judge as jd
     from ..evaluate.export import load_mtbench_questions
+    from ..evaluate.run import default_label
 
     fmt, rows = jd.read_answers(args.answers)
     if fmt == "mt_bench":
@@ -191,9 +196,10 @@ def judge_main(args) -> int:
         model_id = args.model_id or rows[0].get("generator") or Path(args.answers).stem
     if args.limit:
         answers = answers[:args.limit]
+    jd.check_answers(questions, answers, args.answers)
     prompts = jd.load_judge_prompts()
     refs = jd.load_reference_answers() if fmt == "mt_bench" else {}
-    out = args.output or str(Path(args.answers).with_suffix("")) + ".judgment.jsonl"
+    out = args.output or str(jd.default_output(args.answers, model_id, default_label(args.judge_model)))
     engine = _engine(args.judge_model, args.judge_engine, args.dtype, args.device)
     try:
         summary = jd.judge_answers(engine, questions, answers, out, model_id, args.judge_model, prompts, refs,

@@ -102,15 +102,14 @@ def judge_answers(judge: Engine, questions: list[dict], answers: list[dict], out
     answers (AlpacaEval) are the same with one turn.
     """
     refs = refs or {}
+    check_answers(questions, answers, "answers")
     qmap = {q["question_id"]: q for q in questions}
     done = set()
     if Path(out_path).exists():
         done = {(r["question_id"], r["turn"], r["model"]) for _, r in read_jsonl(out_path)}
     jobs = []
     for a in answers:
-        q = qmap.get(a["question_id"])
-        if q is None:
-            raise AftError(f"answer to question {a['question_id']!r}: not among the questions")
+        q = qmap[a["question_id"]]
         turns = a["choices"][0]["turns"]
         for t in range(1, min(len(turns), len(q["turns"]), 2) + 1):
             if (a["question_id"], t, model_id) not in done:
@@ -130,6 +129,31 @@ def judge_answers(judge: Engine, questions: list[dict], answers: list[dict], out
                            "user_prompt": req.messages[-1]["content"], "judgment": text,
                            "score": judge_rating(text), "turn": t, "tstamp": time.time()})
     return summarize_judgments(out_path, model_id, questions)
+
+
+def default_output(answers: str | Path, model_id: str, judge_label: str) -> Path:
+    """Where judgments go by default: never inside FastChat's model_answer folder (it would read the file as
+    another model's answers). An answers file in .../model_answer/ -> .../model_judgment/<judge>_single.jsonl,
+    FastChat's own layout, which its show_result.py reads; elsewhere <folder>/<model_id>.judgment.jsonl."""
+    answers = Path(answers)
+    if answers.parent.name == "model_answer":
+        return answers.parent.parent / "model_judgment" / f"{judge_label}_single.jsonl"
+    return answers.with_name(f"{model_id}.judgment.jsonl")
+
+
+def check_answers(questions: list[dict], answers: list[dict], source) -> None:
+    """Every answer names a known question and has choices[0].turns, a list of texts (checked before a judge loads)."""
+    known = {q["question_id"] for q in questions}
+    for i, a in enumerate(answers, 1):
+        loc = f"{source}: answer {i} (question {a.get('question_id')!r})"
+        if a.get("question_id") not in known:
+            raise AftError(f"{loc}: not among the questions (wrong --questions file?)")
+        choices = a.get("choices")
+        if not (isinstance(choices, list) and choices and isinstance(choices[0], dict)):
+            raise AftError(f'{loc}: field "choices": expected a list of {{"turns": [...]}}, got {choices!r:.60}')
+        turns = choices[0].get("turns")
+        if not (isinstance(turns, list) and turns and all(isinstance(t, str) for t in turns)):
+            raise AftError(f'{loc}: field "choices[0].turns": expected a list of texts, got {turns!r:.60}')
 
 
 def summarize_judgments(path: str | Path, model_id: str | None = None, questions: list[dict] | None = None) -> dict:
@@ -168,7 +192,10 @@ def read_answers(path: str | Path) -> tuple[str, list[dict]]:
     path = Path(path)
     text = read_text(path)
     if text.lstrip().startswith("["):
-        rows = json.loads(text)
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise AftError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
         for i, r in enumerate(rows):
             if not isinstance(r, dict) or not {"instruction", "output"} <= set(r):
                 raise AftError(f"{path}: item {i}: an AlpacaEval output needs instruction and output")
