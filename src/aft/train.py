@@ -32,6 +32,7 @@ from pathlib import Path
 from . import config as cfglib
 from .errors import AftError, where
 from .io import make_folder, read_jsonl, read_text, write_json
+from .models import portable_id
 from .prompts import ROLES, validate_messages
 
 log = logging.getLogger(__name__)
@@ -345,6 +346,7 @@ class TrainResult:
     metrics: dict
     merged_dir: Path | None = None
     trainer: object = None  # the SFTTrainer, its model still in memory
+    finished_before: bool = False  # a rerun of a finished run: nothing trained, the saved metrics returned
 
 
 def check_packages(cfg: TrainConfig) -> None:
@@ -449,10 +451,33 @@ def _marker_callback(base: str):
 
 
 def last_checkpoint(output_dir: str | Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
+    """The newest complete checkpoint-N in output_dir. The Trainer writes trainer_state.json last, so a
+    checkpoint without a readable one was cut off while saving (kill, full disk): skipped, and said so."""
     d = Path(output_dir)
-    return get_last_checkpoint(str(d)) if d.is_dir() else None
+    found = sorted((p for p in d.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
+                   key=lambda p: int(p.name.split("-")[-1]), reverse=True) if d.is_dir() else []
+    for ckpt in found:
+        try:
+            json.loads((ckpt / "trainer_state.json").read_text())
+            return str(ckpt)
+        except (OSError, ValueError):
+            log.warning("%s is incomplete (no readable trainer_state.json: the run was stopped while saving it); "
+                        "skipped", ckpt)
+    return None
+
+
+def finished_run(out: Path, cfg: TrainConfig) -> dict | None:
+    """The metrics of a finished run of this same config in `out` (None if there is none)."""
+    import yaml
+
+    try:
+        metrics = json.loads((out / "metrics.json").read_text())
+        saved = yaml.safe_load((out / "config.yaml").read_text()) or {}
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    now = config_dict(cfg)
+    same = all(saved.get(k) == v for k, v in now.items() if k != "resume")
+    return metrics if same else None
 
 
 def run_train(cfg: TrainConfig) -> TrainResult:
@@ -464,6 +489,12 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     log.info("mode %s: %d training rows (%s)", cfg.mode, len(train),
              ", ".join(f"{k}: {len(v)} read" for k, v in rows.items()))
     out = Path(cfg.output_dir)
+    done = finished_run(out, cfg) if cfg.resume else None
+    if done is not None:
+        log.info("%s: this run already finished; its model and measurements are kept (--no-resume trains again)",
+                 out)
+        merged = out / "merged"
+        return TrainResult(out, done, merged if merged.is_dir() else None, finished_before=True)
     resume_from = last_checkpoint(out) if cfg.resume else None
     if resume_from:
         _check_same_run(out, cfg)
@@ -482,6 +513,10 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     enc = encode_rows(tok, train, eot, cfg.max_length)
     enc_eval = encode_rows(tok, eval_raw, eot, cfg.max_length, "eval") if eval_raw else None
     load_s = time.time() - t_load
+
+    # Adapters and model cards name the base as another machine finds it (the embedded model by its hub id);
+    # aft_base_model.txt keeps the --model string this machine resolves.
+    lm.name_or_path = lm.config._name_or_path = portable_id(base) if not Path(base).is_dir() else base
 
     # 6
     make_folder(out)
