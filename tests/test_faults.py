@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from aft.cli import main
+from aft.io import read_jsonl
 from aft.engines.base import Completion, Engine, Result
 from aft.serve import start_server
 
@@ -396,3 +397,39 @@ def test_train_killed_while_saving_resumes_from_the_last_complete_checkpoint(tmp
     assert m["steps"] == 3 and m["steps_this_run"] == 1 and m["resumed_from"] == str(out / "checkpoint-2")
     assert (out / "checkpoint-2" / "adapter_model.safetensors").read_bytes() == kept
     assert json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())["global_step"] == 3
+
+
+# ------------------------------------------------------------------ 9, 10. the data card: one scale at a time, all prompts
+def test_data_card_keeps_verifier_and_dataset_scales_apart(tmp_path, capsys):
+    inp = tmp_path / "mixed.jsonl"
+    inp.write_text(UF.read_text() + json.dumps({"id": "v", "prompt": "What is 2 + 3?", "answer": "5",
+                                                "responses": ["it is 5", "6", "7"]}) + "\n")
+    assert main(["data", "build", "-i", str(inp), "--out", str(tmp_path / "d"), "-k", "2", "--target", "best"]) == 0
+    headline = capsys.readouterr().out
+    card = json.loads((tmp_path / "d" / "data_card.json").read_text())
+    by = card["scores"]["by_source"]
+    # the arithmetic prompts (one of UltraFeedback's has an answer) are verified; the other two keep 1-10 ratings
+    assert by["verifier"]["rows"] == 2 and by["dataset"]["rows"] == 2
+    verified = [c["score"] for _, r in read_jsonl(tmp_path / "d" / "aft.jsonl") for c in r["meta"]["candidates"]
+                if r["meta"]["score_source"] == "verifier"]
+    assert set(verified) == {0.0, 1.0} and by["dataset"]["candidate"]["max"] > 1
+    assert card["scores"]["candidate"] is None  # no mean across the two scales
+    v = card["scores"]["verifier"]
+    assert v["candidate_accuracy"] == pytest.approx(sum(verified) / len(verified), abs=1e-4)
+    assert f"candidate accuracy {v['sampled']['candidate_accuracy']}" in headline
+    assert "other scales: dataset" in headline
+
+
+def test_data_card_counts_every_prompt_sampled_not_only_those_kept(tmp_path, capsys):
+    rows = [{"id": f"p{i}", "prompt": f"What is {i} + 1?", "answer": str(i + 1),
+             "responses": [f"it is {i + 1}" if i < 2 else "no idea", "maybe 0"]} for i in range(5)]
+    inp = write_jsonl(tmp_path / "g.jsonl", rows)
+    assert main(["data", "build", "-i", str(inp), "--out", str(tmp_path / "d"), "-k", "2", "--target", "best",
+                 "--min_target_score", "1"]) == 0
+    card = json.loads((tmp_path / "d" / "data_card.json").read_text())
+    v = card["scores"]["verifier"]
+    assert card["counts"]["rows"] == 2 and card["counts"]["skipped_while_building"] == 3
+    assert v["sampled"] == {"prompts": 5, "candidate_accuracy": 0.2, "prompts_with_a_correct_candidate": 0.4}
+    assert v["prompts_with_a_correct_candidate"] == 1.0 and v["prompts_kept"] == 2  # the kept ones, apart
+    md = (tmp_path / "d" / "data_card.md").read_text()
+    assert "over all 5 prompts it scored: candidate accuracy 0.2, prompts with a correct candidate 0.4" in md

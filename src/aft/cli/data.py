@@ -52,8 +52,14 @@ def _headline(card: dict | None) -> None:
     line = f"data card: {c['rows']} rows"
     v = card["scores"].get("verifier")
     if v:
-        line += (f"; candidate accuracy {v['candidate_accuracy']}, prompts with a correct proposal "
+        s = v["sampled"]
+        line += (f"; verifier over {s['prompts']} prompts sampled: candidate accuracy {s['candidate_accuracy']}, "
+                 f"prompts with a correct candidate {s['prompts_with_a_correct_candidate']}; over the "
+                 f"{v['prompts_kept']} rows kept: prompts with a correct proposal "
                  f"{v['prompts_with_a_correct_proposal']}, target accuracy {v['target_accuracy']}")
+    others = [src for src in card["scores"].get("by_source", {}) if src != "verifier"]
+    if others:
+        line += f"; also scored on other scales: {', '.join(others)} (see data_card.md)"
     if tv["compared"]:
         line += f"; target beats best proposal {tv['beats']}/{tv['compared']}"
     print(line)

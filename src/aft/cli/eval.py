@@ -199,7 +199,8 @@ def judge_main(args) -> int:
     jd.check_answers(questions, answers, args.answers)
     prompts = jd.load_judge_prompts()
     refs = jd.load_reference_answers() if fmt == "mt_bench" else {}
-    out = args.output or str(jd.default_output(args.answers, model_id, default_label(args.judge_model)))
+    judge_label = default_label(args.judge_model.partition("#")[2] or args.judge_model)  # a URL's #model-name
+    out = args.output or str(jd.default_output(args.answers, model_id, judge_label))
     engine = _engine(args.judge_model, args.judge_engine, args.dtype, args.device)
     try:
         summary = jd.judge_answers(engine, questions, answers, out, model_id, args.judge_model, prompts, refs,

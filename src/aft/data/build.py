@@ -354,7 +354,7 @@ def _build_locked(cfg: DataConfig, res: Resources, style: PromptStyle, rows: lis
             for item, rec in zip(chunk, builder.run(chunk)):
                 if "skip" in rec:
                     skipped.write({"id": item.id, "reason": rec["skip"], "source": item.meta.get("source"),
-                                   "source_line": item.meta.get("source_line")})
+                                   "source_line": item.meta.get("source_line"), "scores": rec.get("scores")})
                     summary.skipped += 1
                     continue
                 sft.write(rec["sft"])
@@ -462,11 +462,14 @@ class _Builder:
         recs: list[dict] = [{"skip": c} if isinstance(c, str) else {} for c in cands]
         # scores: the scorer's when there is one (dataset scores kept in meta), else the dataset's
         dataset_scores = {i: [p.score for p in cands[i]] for i in live}
+        # which scale a prompt's scores are on: the scorer's, the dataset's, or none (the card keeps them apart)
+        self.source = {i: "dataset" if any(_num(s) for s in dataset_scores[i]) else None for i in live}
         if self.res.scorer is not None and live:
             scores = self.res.scorer.score([chunk[i] for i in live], [[p.text for p in cands[i]] for i in live])
             for i, sc in zip(live, scores):
                 if all(s is None for s in sc):
                     continue  # the scorer cannot score this prompt (e.g. no reference answer): dataset scores stay
+                self.source[i] = self.res.scorer.name
                 for p, s in zip(cands[i], sc):
                     p.score = s
         chosen: dict[int, list[int]] = {}
@@ -509,13 +512,18 @@ class _Builder:
             if "skip" in recs[i]:
                 continue
             if not t["text"].strip():
-                recs[i] = {"skip": "empty target"}
+                recs[i] = {"skip": "empty target", "scores": self._scores(i, cands[i], t["score"])}
                 continue
             if cfg.min_target_score is not None and not (_num(t["score"]) and t["score"] >= cfg.min_target_score):
-                recs[i] = {"skip": f"target score below min_target_score {cfg.min_target_score}"}
+                recs[i] = {"skip": f"target score below min_target_score {cfg.min_target_score}",
+                           "scores": self._scores(i, cands[i], t["score"])}
                 continue
-            recs[i] = self._rows(chunk[i], cands[i], chosen[i], dataset_scores[i], prompts[i], t)
+            recs[i] = self._rows(chunk[i], cands[i], chosen[i], dataset_scores[i], prompts[i], t, self.source[i])
         return recs
+
+    def _scores(self, i: int, cands: list[Proposal], target_score) -> dict:
+        """A skipped prompt's scores, so that the data card counts every prompt sampled, not only those kept."""
+        return {"source": self.source[i], "candidates": [p.score for p in cands], "target": target_score}
 
     def _teach(self, chunk, chosen, prompts, targets, recs) -> None:
         """The teacher's aggregation of each row (and, for --pseudo_aggregation, its solution without the
@@ -553,7 +561,7 @@ class _Builder:
                           "solution": sol.text.strip() if sol is not None else None}
 
     def _rows(self, item: Item, cands: list[Proposal], idx: list[int], dataset_scores: list, prompt: tuple,
-              target: dict) -> dict:
+              target: dict, score_source: str | None) -> dict:
         cfg = self.cfg
         messages, texts, truncated = prompt
         props = [cands[j] for j in idx]
@@ -579,6 +587,7 @@ class _Builder:
                        "finish_reason": target["finish_reason"], "seed": target["seed"]},
             "teacher": self.res.teacher.model if cfg.target == "teacher" and self.res.teacher else None,
             "scorer": self.res.scorer.name if self.res.scorer else None,
+            "score_source": score_source,  # the scale of "score": the scorer's name, "dataset" or None
             "seeds": {"base": cfg.seed, "proposals": None if self.off else derive_seed(cfg.seed, item.id, "propose"),
                       "select": derive_seed(cfg.seed, item.id, "select") if cfg.select == "random" else None,
                       "teacher": target["seed"] if cfg.target == "teacher" else None},

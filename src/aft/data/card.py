@@ -5,6 +5,13 @@ writes data_card.json (the numbers), data_card.md (the same for people) and
 data_card.png (histograms of proposal / target lengths and scores). Because it
 reads the files, a resumed or merged build gets the card of the whole set.
 
+Scores are kept apart by scale (meta.score_source: the scorer's name, or
+"dataset" for a preference dataset's own ratings): a verifier's 0/1 and a
+dataset's 1-10 are never averaged together, and only a verifier's scores are
+called accuracy. Accuracy is reported over every prompt sampled (skipped.jsonl
+keeps the scores of prompts dropped after scoring, e.g. by min_target_score)
+and over the rows kept, apart.
+
 Diversity of one row's K proposals: the mean pairwise Jaccard distance between
 their sets of word bigrams (0 = identical texts, 1 = no bigram in common).
 """
@@ -104,20 +111,62 @@ def compute_card(rows: list[dict], skipped: list[dict], input_errors: list[dict]
             "at_least_as_good_rate": round(sum(t >= b for t, b in cmp) / len(cmp), 4) if cmp else None,
         },
     }
-    best_cands = [max((c.get("score") for c in m.get("candidates", []) if c.get("score") is not None), default=None)
-                  for m in metas]
-    if any(m.get("scorer") == "verifier" for m in metas):
-        known = [b for b in best_cands if b is not None]
+    sources = [score_source(m) for m in metas]
+    by_source = {}
+    for src in sorted({s for s in sources if s}):
+        ms = [m for m, s in zip(metas, sources) if s == src]
+        by_source[src] = _score_stats(ms)
+    card["scores"]["by_source"] = by_source
+    if len(by_source) > 1:  # several scales: no mean across them
+        for key in ("candidate", "proposal", "best_proposal", "target"):
+            card["scores"][key] = None
+        card["target_vs_best_proposal"]["note"] = "rows compared on their own scale each"
+    if "verifier" in by_source:
+        kept = [m for m, s in zip(metas, sources) if s == "verifier"]
+        sampled = [[c.get("score") for c in m.get("candidates", [])] for m in kept]
+        sampled += [s["scores"]["candidates"] for s in skipped
+                    if (s.get("scores") or {}).get("source") == "verifier"]
         card["scores"]["verifier"] = {
-            "candidate_accuracy": card["scores"]["candidate"]["mean"] if card["scores"]["candidate"] else None,
-            "prompts_with_a_correct_candidate": round(sum(b >= 1 for b in known) / len(known), 4) if known else None,
+            "prompts_kept": len(kept),
+            "candidate_accuracy": by_source["verifier"]["candidate"]["mean"] if by_source["verifier"]["candidate"]
+            else None,
+            "prompts_with_a_correct_candidate": _share_correct(
+                [[c.get("score") for c in m.get("candidates", [])] for m in kept]),
             "prompts_with_a_correct_proposal": round(
-                sum((t.get("best_proposal_score") or 0) >= 1 for t in targets) / len(targets), 4) if targets else None,
-            "target_accuracy": card["scores"]["target"]["mean"] if card["scores"]["target"] else None,
+                sum((m.get("target", {}).get("best_proposal_score") or 0) >= 1 for m in kept) / len(kept), 4),
+            "target_accuracy": by_source["verifier"]["target"]["mean"] if by_source["verifier"]["target"] else None,
+            "sampled": {"prompts": len(sampled),
+                        "candidate_accuracy": (stats(x for sc in sampled for x in sc) or {}).get("mean"),
+                        "prompts_with_a_correct_candidate": _share_correct(sampled)},
         }
     if config is not None:
         card["config"] = config
     return card
+
+
+def score_source(meta: dict) -> str | None:
+    """The scale of a row's scores (rows built before score_source was recorded: the scorer's, else the dataset's)."""
+    if "score_source" in meta:
+        return meta["score_source"]
+    if not any(c.get("score") is not None for c in meta.get("candidates", [])):
+        return None
+    return meta.get("scorer") or "dataset"
+
+
+def _score_stats(metas: list[dict]) -> dict:
+    props = [c for m in metas for c in m.get("candidates", []) if c["id"] in set(m.get("proposals", []))]
+    return {"rows": len(metas),
+            "candidate": stats(c.get("score") for m in metas for c in m.get("candidates", [])),
+            "proposal": stats(c.get("score") for c in props),
+            "best_proposal": stats(m.get("target", {}).get("best_proposal_score") for m in metas),
+            "target": stats(m.get("target", {}).get("score") for m in metas)}
+
+
+def _share_correct(prompts: list[list]) -> float | None:
+    """Share of prompts with at least one candidate scored >= 1 (among prompts with any score)."""
+    known = [[x for x in sc if x is not None] for sc in prompts]
+    known = [sc for sc in known if sc]
+    return round(sum(max(sc) >= 1 for sc in known) / len(known), 4) if known else None
 
 
 def _fmt(s: dict | None, key: str = "mean") -> str:
@@ -153,14 +202,21 @@ def render_markdown(card: dict) -> str:
     lines += ["", f"Cut by max_tokens: {lg['proposals_cut_by_max_tokens']} proposals, "
               f"{lg['targets_cut_by_max_tokens']} targets; rows whose proposals were shortened to fit the "
               f"teacher's context: {lg['rows_with_truncated_proposals']}.", ""]
-    lines += ["## Scores", "", "| | n | mean | min | max |", "|---|---|---|---|---|"]
-    for key in ("candidate", "proposal", "best_proposal", "target"):
-        s = sc[key]
-        if s:
-            lines.append(f"| {key.replace('_', ' ')} | {s['n']} | {_fmt(s)} | {_fmt(s, 'min')} | {_fmt(s, 'max')} |")
+    lines += ["## Scores", "", "Each scale apart (verifier: 0/1 correct; dataset: the preference data's own "
+              "ratings; reward_model, judge: theirs).", "",
+              "| scale | rows | | n | mean | min | max |", "|---|---|---|---|---|---|---|"]
+    for src, block in sc.get("by_source", {}).items():
+        for key in ("candidate", "proposal", "best_proposal", "target"):
+            s = block[key]
+            if s:
+                lines.append(f"| {src} | {block['rows']} | {key.replace('_', ' ')} | {s['n']} | {_fmt(s)} | "
+                             f"{_fmt(s, 'min')} | {_fmt(s, 'max')} |")
     if "verifier" in sc:
         v = sc["verifier"]
-        lines += ["", f"Verifier: candidate accuracy {v['candidate_accuracy']}, prompts with a correct candidate "
+        lines += ["", f"Verifier, over all {v['sampled']['prompts']} prompts it scored: candidate accuracy "
+                  f"{v['sampled']['candidate_accuracy']}, prompts with a correct candidate "
+                  f"{v['sampled']['prompts_with_a_correct_candidate']}. Over the {v['prompts_kept']} rows kept: "
+                  f"candidate accuracy {v['candidate_accuracy']}, prompts with a correct candidate "
                   f"{v['prompts_with_a_correct_candidate']}, with a correct proposal among the K "
                   f"{v['prompts_with_a_correct_proposal']}, target accuracy {v['target_accuracy']}."]
     lines += ["", "## Target vs best proposal", ""]
