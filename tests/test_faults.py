@@ -433,3 +433,33 @@ def test_data_card_counts_every_prompt_sampled_not_only_those_kept(tmp_path, cap
     assert v["prompts_with_a_correct_candidate"] == 1.0 and v["prompts_kept"] == 2  # the kept ones, apart
     md = (tmp_path / "d" / "data_card.md").read_text()
     assert "over all 5 prompts it scored: candidate accuracy 0.2, prompts with a correct candidate 0.4" in md
+
+
+# ------------------------------------------------------------------ 16. progress outside a terminal
+def test_progress_is_logged_with_tokens_per_second_when_stderr_is_not_a_terminal(tmp_path, caplog, monkeypatch,
+                                                                                 echo_url):
+    inp = write_jsonl(tmp_path / "q.jsonl", QUESTIONS)
+    caplog.set_level("INFO", logger="aft.progress")  # the CLI logs at INFO (pytest's root logger is at WARNING)
+    monkeypatch.setenv("AFT_PROGRESS", "0.001")  # a line every millisecond (default: every 30 s)
+    assert main(["infer", "-i", str(inp), "-o", str(tmp_path / "o.jsonl"), "-m", echo_url, "-k", "2", "-l", "1",
+                 "--batch_size", "1"]) == 0
+    lines = [r.getMessage() for r in caplog.records if r.name == "aft.progress"]
+    assert any(re.match(r"propose-and-aggregate: 1/3 queries \(33%\), \d+ tok/s, \d+s elapsed, ~\d+s left", x)
+               for x in lines), lines
+    assert lines[-1].startswith("propose-and-aggregate: 3/3 queries (100%)")
+    monkeypatch.setenv("AFT_PROGRESS", "0")  # off
+    caplog.clear()
+    assert main(["infer", "-i", str(inp), "-o", str(tmp_path / "o2.jsonl"), "-m", echo_url, "-k", "2"]) == 0
+    assert not [r for r in caplog.records if r.name == "aft.progress"]
+
+
+def test_our_decode_loop_triggers_no_deprecation_warning(tiny_engine):
+    import warnings
+
+    from aft.engines.base import Request, SamplingParams
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tiny_engine.generate([Request([{"role": "user", "content": "Hi"}], SamplingParams(n=2, max_tokens=4, seed=1))])
+    assert not [w for w in caught if issubclass(w.category, (DeprecationWarning, FutureWarning))], \
+        [str(w.message) for w in caught]

@@ -12,6 +12,7 @@ import importlib
 import logging
 import os
 import sys
+import time
 
 from ..errors import AftError
 
@@ -69,22 +70,75 @@ def flags_given(args: argparse.Namespace, exclude=("command", "handler", "verbos
     return {k: v for k, v in vars(args).items() if k not in exclude}
 
 
-def progress_bar(total: int, desc: str, unit: str = "query"):
-    """A tqdm bar on stderr (or a no-op when stderr is not a terminal and tqdm is quiet)."""
-    from tqdm import tqdm
+PROGRESS_EVERY = 30.0  # seconds between progress log lines when stderr is not a terminal
 
-    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr,
-                disable=None if not os.environ.get("AFT_PROGRESS") else False)
+
+def progress_bar(total: int, desc: str, unit: str = "query"):
+    """Progress on stderr: a tqdm bar on a terminal; elsewhere (nohup, batch jobs, CI) a log line every 30 s
+    with items done, the stage and tokens/s, as TRL and vLLM log. $AFT_PROGRESS: "bar" forces the bar,
+    a number N logs every N seconds instead (0 = no progress output)."""
+    choice = os.environ.get("AFT_PROGRESS", "").strip()
+    if choice == "bar" or (not choice and sys.stderr.isatty()):
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr)
+    try:
+        every = float(choice) if choice else PROGRESS_EVERY
+    except ValueError:
+        raise AftError(f"AFT_PROGRESS must be 'bar' or a number of seconds, got {choice!r}") from None
+    return LogProgress(total, desc, unit, every)
+
+
+class LogProgress:
+    """The part of tqdm's interface the commands use, as periodic log lines (logger aft.progress)."""
+
+    def __init__(self, total: int, desc: str, unit: str, every: float):
+        self.total, self.desc, self.unit, self.every = total, desc, unit, every
+        self.n, self.postfix = 0, ""
+        self.t0 = self.last = time.monotonic()
+
+    def update(self, k: int = 1) -> None:
+        self.n += k
+        now = time.monotonic()
+        finished = bool(self.total) and self.n >= self.total
+        if self.every > 0 and (now - self.last >= self.every or (finished and k)):
+            self.last = now
+            elapsed = now - self.t0
+            units = "queries" if self.unit == "query" else f"{self.unit}s"
+            done = f"{self.n}/{self.total} {units} ({self.n / self.total:.0%})" if self.total else f"{self.n} {units}"
+            left = f", ~{_duration(elapsed * (self.total - self.n) / self.n)} left" if self.total and self.n else ""
+            extra = f", {self.postfix}" if self.postfix else ""
+            logging.getLogger("aft.progress").info("%s: %s%s, %s elapsed%s", self.desc, done, extra,
+                                                   _duration(elapsed), left)
+
+    def set_postfix_str(self, s: str = "", refresh: bool = True) -> None:
+        self.postfix = s
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
 def token_progress(bar):
     """A progress callback for long commands: (items done, items in all, tokens generated, stage)."""
+    t0 = time.monotonic()
 
     def update(done: int, total: int | None = None, tokens: int = 0, stage: str = "") -> None:
         if total is not None:
             bar.total = total
+        rate = tokens / max(time.monotonic() - t0, 1e-9)
+        bar.set_postfix_str(f"{stage + ', ' if stage else ''}{rate:.0f} tok/s")
         bar.update(done - bar.n)
-        elapsed = bar.format_dict["elapsed"] or 1e-9
-        bar.set_postfix_str(f"{stage + ', ' if stage else ''}{tokens / elapsed:.0f} tok/s")
 
     return update

@@ -48,6 +48,7 @@ matmul shapes, and `generate`'s own greedy text changes with its batch.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 
 import torch
@@ -72,6 +73,8 @@ class HFEngine(Engine):
         if self.device.type == "cpu" and getattr(model.config, "_attn_implementation", None) == "sdpa":
             model.set_attn_implementation(_register_attention())  # the engine owns its model from here on
         self.max_batch_rows = max_batch_rows
+        # transformers 5.x renamed forward's past_key_values to cache (the old name warns on every call)
+        self.cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.memory_budget_bytes = memory_budget_bytes  # None: measured on a GPU (memory_budget)
         self.chunk_rows: list[int] = []  # rows of each chunk run so far (for logs and tests)
         self.model = display_name or getattr(model.config, "_name_or_path", "")
@@ -244,7 +247,7 @@ class HFEngine(Engine):
                 sel, attn, next_pos, nxt = sel[kt], attn[kt], next_pos[kt], nxt[kt]
             attn[:, L + step - 1] = 1
             out = self.lm(input_ids=nxt[:, None], attention_mask=attn[:, :L + step], position_ids=next_pos[:, None],
-                          past_key_values=cache, use_cache=True)
+                          **{self.cache_kw: cache}, use_cache=True)
             next_pos = next_pos + 1
             logits = out.logits[:, -1, :]
 
@@ -276,7 +279,7 @@ class HFEngine(Engine):
         for n, rows in groups.items():
             part = DynamicCache(config=self.lm.config)
             ids = torch.tensor([prompts[b] for b in rows], device=self.device)
-            out = self.lm(input_ids=ids, past_key_values=part, use_cache=True, logits_to_keep=1)
+            out = self.lm(input_ids=ids, **{self.cache_kw: part}, use_cache=True, logits_to_keep=1)
             for layer, src in zip(cache.layers, part.layers):
                 layer.put_rows(rows, L - n, src.keys, src.values, batch=B)
             for k, b in enumerate(rows):
@@ -295,7 +298,7 @@ class HFEngine(Engine):
             attn[b, L - len(p):] = 1
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
         out = self.lm(input_ids=ids.to(self.device), attention_mask=attn.to(self.device),
-                      position_ids=pos.to(self.device), past_key_values=cache, use_cache=True, logits_to_keep=1)
+                      position_ids=pos.to(self.device), **{self.cache_kw: cache}, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1]
 
     def _max_new(self, sp: SamplingParams, prompt_len: int) -> int:
