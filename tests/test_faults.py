@@ -352,7 +352,7 @@ def test_judgments_go_beside_the_answers_folder(tmp_path, capsys, echo_url):
     assert (tmp_path / "mine.judgment.jsonl").exists()  # named after the model it grades
 
 
-# ------------------------------------------------------------------ 3, 11, 15. train: killed saves, reruns, portable adapters
+# ------------------------------------------------- 3, 11, 15. train: killed saves, reruns, portable adapters
 @pytest.fixture
 def tiny_embedded(tmp_path, monkeypatch, tokenizer):
     """A tiny random model standing in for the embedded one (AFT_CACHE points at it), so training takes seconds."""
@@ -399,7 +399,7 @@ def test_train_killed_while_saving_resumes_from_the_last_complete_checkpoint(tmp
     assert json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())["global_step"] == 3
 
 
-# ------------------------------------------------------------------ 9, 10. the data card: one scale at a time, all prompts
+# ------------------------------------------------- 9, 10. the data card: one scale at a time, all prompts
 def test_data_card_keeps_verifier_and_dataset_scales_apart(tmp_path, capsys):
     inp = tmp_path / "mixed.jsonl"
     inp.write_text(UF.read_text() + json.dumps({"id": "v", "prompt": "What is 2 + 3?", "answer": "5",
@@ -463,3 +463,43 @@ def test_our_decode_loop_triggers_no_deprecation_warning(tiny_engine):
         tiny_engine.generate([Request([{"role": "user", "content": "Hi"}], SamplingParams(n=2, max_tokens=4, seed=1))])
     assert not [w for w in caught if issubclass(w.category, (DeprecationWarning, FutureWarning))], \
         [str(w.message) for w in caught]
+
+
+# ------------------------------------------------------------------ 17. smaller points
+def test_eval_records_report_reference_and_summary(tmp_path, capsys, caplog, echo_url):
+    caplog.set_level("INFO", logger="aft.evaluate.run")
+    gsm = write_jsonl(tmp_path / "gsm.jsonl", [{"question": f"{i} + 1?", "answer": f"#### {i + 1}"} for i in range(2)])
+    ev = tmp_path / "ev"
+    for label in ("aa-tuned", "zz-base"):
+        assert main(["eval", "run", "--out", str(ev), "-m", echo_url, "--label", label, "--tasks", f"gsm8k:{gsm}",
+                     "--strategies", "greedy", "--no-report"]) == 0
+    assert "greedy seed 0: 2 of 2 questions done" in caplog.text  # was "2/2", read as "all correct"
+    rec = json.loads((ev / "zz-base" / "gsm8k-gsm" / "greedy.seed0.jsonl").read_text().splitlines()[0])
+    assert rec["question"] == "0 + 1?"  # the question itself, not only its id
+    tuned = tmp_path / "tuned"  # an `aft train` output folder
+    tuned.mkdir()
+    (tuned / "metrics.json").write_text("{}")
+    run = json.loads((ev / "aa-tuned" / "run.json").read_text())
+    (ev / "aa-tuned" / "run.json").write_text(json.dumps({**run, "model": str(tuned)}))
+    capsys.readouterr()
+    assert main(["eval", "report", str(ev), "--n_boot", "50"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"gsm8k-gsm\s+aa-tuned\s+greedy\s+accuracy 0\.000 \[0\.000, 0\.000\]", out)  # a summary
+    report = (ev / "report.md").read_text()
+    assert "compared with **zz-base** (the untrained model" in report
+    assert "| aa-tuned greedy | zz-base greedy |" in report  # not against the alphabetically first
+    assert main(["eval", "report", str(ev), "--n_boot", "50", "--reference", "aa-tuned"]) == 0
+    assert "| zz-base greedy | aa-tuned greedy |" in (ev / "report.md").read_text()
+    capsys.readouterr()
+    assert main(["eval", "report", str(ev), "--reference", "nope"]) == 2
+    assert "no model labelled 'nope' to compare with (labels: " in one_line_error(capsys, "eval")
+
+
+def test_short_run_warmup_ratio_does_not_spend_step_one_at_learning_rate_zero():
+    from aft.train import load_config, sft_config
+
+    cfg = load_config(None, {"data": "unused", "max_steps": 4, "output_dir": "unused"})
+    cfg.sft_args = {"warmup_steps": 0.05}
+    assert sft_config(cfg).warmup_steps == 0  # transformers would round 0.2 up to one step at learning rate 0
+    cfg.max_steps = 100
+    assert sft_config(cfg).warmup_steps == 5

@@ -405,6 +405,12 @@ def sft_config(cfg: TrainConfig):
         **checkpointing_args(cfg, sharding()),
     )
     args.update(cfg.sft_args)
+    warmup = args.get("warmup_steps")
+    if isinstance(warmup, float) and 0 < warmup < 1 and cfg.max_steps > 0:
+        # transformers rounds a warmup ratio up: 0.05 of 4 steps = 1 step at learning rate 0. Round down instead.
+        args["warmup_steps"] = int(warmup * cfg.max_steps)
+        if args["warmup_steps"] == 0:
+            log.info("warmup_steps %g of %d steps is under one step: no warmup", warmup, cfg.max_steps)
     try:
         return SFTConfig(**args)
     except (TypeError, ValueError) as e:

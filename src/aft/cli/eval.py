@@ -30,6 +30,8 @@ def add_parser(sub) -> None:
     rep.add_argument("out", help="the --out folder of `aft eval run`")
     rep.add_argument("--n_boot", "--n-boot", type=int, default=2000, help="bootstrap replicates (default: 2000)")
     rep.add_argument("--title", default="Evaluation report", help="the report's title")
+    rep.add_argument("--reference", help="the label the other models are compared with (default: the untrained "
+                                         "model, i.e. the first whose --model is not an `aft train` output)")
     rep.set_defaults(handler=report_main)
 
     rs = esub.add_parser("rescore", help="check cached answers again with the current verifier (no model), "
@@ -112,7 +114,10 @@ def report_main(args) -> int:
 
     if args.n_boot < 1:
         raise AftError(f"--n_boot must be >= 1, got {args.n_boot}")
-    path = write_report(args.out, n_boot=args.n_boot, title=args.title)
+    path = write_report(args.out, n_boot=args.n_boot, title=args.title, reference=args.reference)
+    for r in json.loads((path.parent / "summary.json").read_text()):
+        print(f"  {r['task']:16s} {r['label']:16s} {r['strategy_label']:28s} accuracy {r['accuracy']:.3f} "
+              f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]  {r['total_tokens']:.0f} tok/query")
     print(f"report: {path}")
     return 0
 

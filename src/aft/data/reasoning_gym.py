@@ -20,10 +20,11 @@ from ..engines.base import derive_seed
 from ..errors import AftError
 from .sources import Item
 
-# Appended to each question (as measured in DESIGN.md); the verifier reads "Answer:" or the last number.
+# Appended to each question; the verifier reads "Answer:" or the last number (the 135M model rarely writes it).
 ANSWER_SUFFIX = "\nEnd with a final line 'Answer: <answer>'."
 
-# Short names for configs the embedded 135M model scores above zero on (DESIGN.md).
+# Short names for configs the embedded 135M model scores above zero on (greedy, 40 questions each: arith1 0.63,
+# products1 0.65, arith2 0.23, chain_sum2 0.20).
 PRESETS = {
     "arith1": ("basic_arithmetic", {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1,
                                     "operators": ["+", "-"]}),

@@ -137,7 +137,21 @@ def _fmt_flops(x):
     return "-" if x is None else f"{x / 1e9:.1f}"
 
 
-def write_report(out: str | Path, n_boot: int = 2000, title: str = "Evaluation report") -> Path:
+def reference_label(found: dict, labels: list[str]) -> str:
+    """The model the others are compared with by default: the first whose model is not an `aft train` output
+    (the untrained base), else the first label."""
+    for label in labels:
+        model = next(e["run"].get("model") or "" for (lb, _, _), e in found.items() if lb == label)
+        folder = Path(model).expanduser()
+        if not any((folder / f).exists() for f in ("metrics.json", "adapter_config.json", "aft_base_model.txt")):
+            return label
+    return labels[0]
+
+
+def write_report(out: str | Path, n_boot: int = 2000, title: str = "Evaluation report",
+                 reference: str | None = None) -> Path:
+    """report.md, plots and summary.json from the cached records; other models are compared with `reference`
+    (a label; default: the untrained model, see reference_label)."""
     out = Path(out)
     found = load_records(out)
     rows = summarize(found, n_boot)
@@ -145,6 +159,10 @@ def write_report(out: str | Path, n_boot: int = 2000, title: str = "Evaluation r
         raise AftError(f"{out}: records found but no question answered under every seed yet")
     tasks = sorted({r["task"] for r in rows})
     labels = list(dict.fromkeys(r["label"] for r in rows))
+    ref = reference or reference_label(found, labels)
+    if ref not in labels:
+        raise AftError(f"{out}: no model labelled {ref!r} to compare with (labels: {', '.join(labels)})")
+    labels = [ref] + [lb for lb in labels if lb != ref]
     lines = [f"# {title}", "",
              f"Rebuilt from the cached records in `{out}` on {time.strftime('%Y-%m-%d %H:%M')} "
              f"(`aft eval report {out}`).", "",
@@ -162,6 +180,10 @@ def write_report(out: str | Path, n_boot: int = 2000, title: str = "Evaluation r
                      f"{', ' + format(run['num_parameters'], ',') + ' parameters' if run.get('num_parameters') else ''}); "
                      f"sampling T={cfg.get('temperature')} top-p={cfg.get('top_p')} top-k={cfg.get('top_k')}, "
                      f"max_tokens={cfg.get('max_tokens')}, P&A final layer T={cfg.get('final_layer_temperature')}")
+    if len(labels) > 1:
+        why = "as asked" if reference else "the untrained model"
+        lines += ["", f"The other models are compared with **{ref}** ({why}; `aft eval report --reference LABEL` "
+                      f"to choose)."]
     lines.append("")
     for task in tasks:
         trows = [r for r in rows if r["task"] == task]
@@ -194,7 +216,8 @@ def write_report(out: str | Path, n_boot: int = 2000, title: str = "Evaluation r
 
 
 def _paired_section(trows: list[dict], labels: list[str]) -> list[str]:
-    """Paired differences: each strategy vs its model's greedy; each model vs the first model, same strategy."""
+    """Paired differences: each strategy vs its model's greedy; each model vs the reference (labels[0]), same
+    strategy."""
     lines = []
     by = {(r["label"], r["strategy"]): r for r in trows}
     pairs = []

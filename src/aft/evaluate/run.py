@@ -233,10 +233,12 @@ def _run_eval_locked(cfg: EvalConfig, engine, progress) -> Summary:
                     for start in range(0, len(todo), cfg.batch_size):
                         chunk = todo[start:start + cfg.batch_size]
                         records = run_strategy(cached, task, chunk, strat, sampling, seed, scorer)
+                        questions = {it.id: question_text(it) for it in chunk}
                         for rec in records:
                             usage = rec["usage"]
                             row = {"id": rec["id"], "task": task.name, "strategy": strat.name, "seed": seed,
-                                   "label": label, **{k: v for k, v in rec.items() if k != "usage"},
+                                   "label": label, "question": questions.get(rec["id"]),
+                                   **{k: v for k, v in rec.items() if k != "usage"},
                                    "usage": usage.to_dict(params)}
                             out.write(row)
                             summary.generated_tokens += usage.completion_tokens
@@ -245,7 +247,7 @@ def _run_eval_locked(cfg: EvalConfig, engine, progress) -> Summary:
                         summary.seconds = time.perf_counter() - t0
                         if progress:
                             progress(done_count, total, summary.generated_tokens)
-                        log.info("%s %s seed %d: %d/%d", task.name, strat.name, seed,
+                        log.info("%s %s seed %d: %d of %d questions done", task.name, strat.name, seed,
                                  min(start + cfg.batch_size, len(todo)), len(todo))
         finally:
             if isinstance(cached, CachedEngine):
@@ -269,6 +271,14 @@ def _run_eval_locked(cfg: EvalConfig, engine, progress) -> Summary:
 
         write_report(cfg.out, n_boot=cfg.n_boot)
     return summary
+
+
+def question_text(item) -> str:
+    """The question as the task states it (without the answer-format line added to the prompt)."""
+    if item.meta.get("question"):
+        return item.meta["question"]
+    users = [m["content"] for m in item.query if m.get("role") == "user"]
+    return users[-1] if users else ""
 
 
 def _check_run(path: Path, meta: dict) -> None:
