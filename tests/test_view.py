@@ -66,6 +66,41 @@ def test_no_word_is_claimed_twice_and_blocked_matches_keep_their_free_part():
     assert got == [("one two three four", 0), ("one two three four", 0)]
 
 
+def naive_tiling(t, sources, min_words):
+    """The same rule, written the slow obvious way: (start word, length, source) of each tile."""
+    taken, tiles = [False] * len(t), []
+    while True:
+        best = None  # longest free common run; ties: earlier in t, then lower source, then earlier in it
+        for i in range(len(t)):
+            for s, w in enumerate(sources):
+                for j in range(len(w)):
+                    n = 0
+                    while i + n < len(t) and j + n < len(w) and t[i + n] == w[j + n] and not taken[i + n]:
+                        n += 1
+                    if n >= min_words and (best is None or (-n, i, s) < (-best[1], best[0], best[2])):
+                        best = (i, n, s)
+        if best is None:
+            return sorted(tiles)
+        i, n, s = best
+        taken[i:i + n] = [True] * n
+        tiles.append(best)
+
+
+def test_copied_spans_agree_with_the_slow_obvious_tiling_on_repetitive_texts():
+    import random
+
+    rng = random.Random(0)
+    for _ in range(400):
+        vocab = [str(v) for v in range(rng.randint(2, 5))]  # few words: many repeats, loops, ties
+        t = [rng.choice(vocab) for _ in range(rng.randint(0, 30))]
+        sources = [[rng.choice(vocab) for _ in range(rng.randint(0, 20))] for _ in range(rng.randint(1, 3))]
+        text = " ".join(t)
+        starts = [k for k, c in enumerate(text) if c != " " and (k == 0 or text[k - 1] == " ")]
+        got = [(starts.index(sp.start), len(text[sp.start:sp.end].split()), sp.source)
+               for sp in copied_spans(text, [" ".join(w) for w in sources], min_words=3)]
+        assert got == naive_tiling(t, sources, 3), (t, sources)
+
+
 # ------------------------------------------------------------ real files
 class Page(HTMLParser):
     """The tags, attributes and script contents of a page (a strict parse of what the browser gets)."""

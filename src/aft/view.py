@@ -61,52 +61,74 @@ def _words(text: str) -> list[re.Match]:
 
 
 def copied_spans(text: str, sources: list[str], min_words: int = MIN_WORDS) -> list[Span]:
-    """The spans of `text` copied from `sources`, longest first, no word claimed twice.
+    """The spans of `text` copied from `sources` (see CopyFinder)."""
+    return CopyFinder(sources, min_words).spans(text)
+
+
+class CopyFinder:
+    """Finds the spans of a text copied from `sources`, longest first, no word claimed twice.
 
     Words are runs of letters and digits, and runs of punctuation (so "42." matches "42"),
-    compared exactly. For every position the longest
-    run of words that also occurs in a source is a candidate; candidates are taken longest
-    first (ties: earlier in the text, then the lower source index); a candidate that runs
-    into an already taken word is shortened to its free prefix and queued again if it
-    still has `min_words` words. Returned in text order.
+    compared exactly. For every position the longest run of words that also occurs in a
+    source is a candidate; candidates are taken longest first (ties: earlier in the text,
+    then the lower source index); a candidate that runs into an already taken word is
+    shortened to its free prefix and queued again if it still has `min_words` words (from
+    the lowest source that has it). The sources are indexed once for all the texts (the K
+    aggregations of a layer read the same proposals).
     """
-    if min_words < 1:
-        raise ValueError("min_words must be >= 1")
-    tw = _words(text)
-    t = [m.group() for m in tw]
-    src = [_words(s) for s in sources]
-    sw = [[m.group() for m in ms] for ms in src]
-    index: dict[tuple, list[tuple[int, int]]] = {}
-    for s, words in enumerate(sw):
-        for j in range(len(words) - min_words + 1):
-            occ = index.setdefault(tuple(words[j:j + min_words]), [])
-            if len(occ) < MAX_OCCURRENCES:
-                occ.append((s, j))
-    heap = []
-    for i in range(len(t) - min_words + 1):
-        best = None
-        for s, j in index.get(tuple(t[i:i + min_words]), ()):
-            n, words = min_words, sw[s]
-            while i + n < len(t) and j + n < len(words) and t[i + n] == words[j + n]:
-                n += 1
-            if best is None or n > best[0]:
-                best = (n, s, j)
-        if best:
-            heapq.heappush(heap, (-best[0], i, best[1], best[2]))
-    taken = [False] * len(t)
-    spans = []
-    while heap:
-        neg, i, s, j = heapq.heappop(heap)
-        n = -neg
-        free = next((k for k in range(n) if taken[i + k]), n)
-        if free < n:
-            if free >= min_words:
-                heapq.heappush(heap, (-free, i, s, j))
-            continue
-        for k in range(n):
-            taken[i + k] = True
-        spans.append(Span(tw[i].start(), tw[i + n - 1].end(), s, src[s][j].start(), src[s][j + n - 1].end()))
-    return sorted(spans, key=lambda sp: sp.start)
+
+    def __init__(self, sources: list[str], min_words: int = MIN_WORDS):
+        if min_words < 1:
+            raise ValueError("min_words must be >= 1")
+        self.min_words = min_words
+        self.src = [_words(s) for s in sources]
+        self.sw = [[m.group() for m in ms] for ms in self.src]
+        self.index: dict[tuple, list[tuple[int, int]]] = {}  # n-gram -> [(source, position)], in that order
+        for s, words in enumerate(self.sw):
+            for j in range(len(words) - min_words + 1):
+                occ = self.index.setdefault(tuple(words[j:j + min_words]), [])
+                if len(occ) < MAX_OCCURRENCES:
+                    occ.append((s, j))
+
+    def spans(self, text: str) -> list[Span]:
+        """The copied spans of `text`, in text order."""
+        mw, sw, src = self.min_words, self.sw, self.src
+        tw = _words(text)
+        t = [m.group() for m in tw]
+        # Right to left, so that the match at (i, j) is the one at (i + 1, j + 1) plus one word: linear
+        # work even on a looping text whose n-grams recur many times.
+        heap, after, runs = [], {}, {}  # runs[i]: {(source, position): words in common from there}
+        for i in range(len(t) - mw, -1, -1):
+            here, best = {}, None
+            for s, j in self.index.get(tuple(t[i:i + mw]), ()):
+                n = after.get((s, j + 1))
+                if n is not None:
+                    n += 1
+                else:
+                    n, words = mw, sw[s]
+                    while i + n < len(t) and j + n < len(words) and t[i + n] == words[j + n]:
+                        n += 1
+                here[s, j] = n
+                if best is None or n > best[0]:
+                    best = (n, s, j)
+            if best:
+                heapq.heappush(heap, (-best[0], i, best[1], best[2]))
+            after = runs[i] = here
+        taken = [False] * len(t)
+        spans = []
+        while heap:
+            neg, i, s, j = heapq.heappop(heap)
+            n = -neg
+            free = next((k for k in range(n) if taken[i + k]), n)
+            if free < n:
+                if free >= mw:  # its free beginning, from the first source that has it
+                    s, j = next(sj for sj, m in runs[i].items() if m >= free)
+                    heapq.heappush(heap, (-free, i, s, j))
+                continue
+            for k in range(n):
+                taken[i + k] = True
+            spans.append(Span(tw[i].start(), tw[i + n - 1].end(), s, src[s][j].start(), src[s][j + n - 1].end()))
+        return sorted(spans, key=lambda sp: sp.start)
 
 
 def copied_share(text: str, spans: list[Span], n_sources: int) -> list[float]:
@@ -230,8 +252,9 @@ def _annotate(layers: list[dict], min_words: int) -> None:
                 continue
             out["cut"] = {"to_chars": to_chars, "from_chars": cut.get("from_chars"), "by_layer": layer["layer"]}
             seen[original] = seen[original][:to_chars]
+        finder = CopyFinder(seen, min_words)
         for o in layer["outputs"]:
-            spans = copied_spans(o["text"], seen, min_words)
+            spans = finder.spans(o["text"])
             o["spans"] = [sp.to_list() for sp in spans]
             o["copied"] = copied_share(o["text"], spans, len(seen))
 
