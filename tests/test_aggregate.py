@@ -1,13 +1,12 @@
 """The propose-and-aggregate loop on a deterministic fake engine (conftest.FakeEngine): milliseconds, any CPU."""
 
 import pytest
+from conftest import FakeEngine
 
 from aft.aggregate import PAConfig, generations_per_query, plan, propose_and_aggregate
 from aft.errors import AftError
 from aft.prompts import TRUNCATION_MARK, aggregator_messages, proposer_messages
-
-from conftest import FakeEngine
-
+from aft.sampling import Sampling
 
 Q1 = [{"role": "user", "content": "What is 2 + 2?"}]
 Q2 = [{"role": "user", "content": "Name a color."}, {"role": "assistant", "content": "Red."},
@@ -23,13 +22,13 @@ def test_official_layer_semantics(n, L, layers, total):
     p = plan(cfg)
     assert [layer.role for layer in p] == layers
     assert generations_per_query(cfg) == total
-    assert p[-1].params.n == 1 and p[-1].params.temperature == cfg.final_layer_temperature
-    assert p[-1].params.top_p == cfg.final_layer_top_p
+    assert p[-1].params.n == 1 and p[-1].params.temperature == cfg.sampling.final_layer_temperature
+    assert p[-1].params.top_p == cfg.sampling.final_layer_top_p
 
 
 def test_loop_is_layer_synchronous_and_feeds_outputs_forward(fake_engine):
     eng = fake_engine
-    cfg = PAConfig(n=3, num_aggregation=2, max_tokens=4, seed=5)
+    cfg = PAConfig(n=3, num_aggregation=2, sampling=Sampling(max_tokens=4), seed=5)
     out = propose_and_aggregate(eng, [("a", Q1), ("b", Q2)], cfg)
     assert len(eng.calls) == 3  # one engine call per layer, both queries in it
     assert all(len(c) == 2 for c in eng.calls)
@@ -51,19 +50,20 @@ def test_loop_is_layer_synchronous_and_feeds_outputs_forward(fake_engine):
 def test_same_seed_same_output_and_independent_of_batching(fake_engine):
     """Each query's seeds come from its id, not its place in the batch (the fake's outputs follow the seed)."""
     eng = fake_engine
-    cfg = PAConfig(n=2, num_aggregation=1, max_tokens=6, seed=3)
+    cfg = PAConfig(n=2, num_aggregation=1, sampling=Sampling(max_tokens=6), seed=3)
     both = propose_and_aggregate(eng, [("a", Q1), ("b", Q2)], cfg)
     again = propose_and_aggregate(eng, [("a", Q1), ("b", Q2)], cfg)
     alone = propose_and_aggregate(eng, [("b", Q2)], cfg)
     strip = lambda rec: [[o["text"] for o in t["outputs"]] for t in rec["trace"]]  # noqa: E731
     assert strip(both[0]) == strip(again[0]) and strip(both[1]) == strip(again[1])
     assert strip(both[1]) == strip(alone[0])
-    other = propose_and_aggregate(eng, [("a", Q1)], PAConfig(n=2, num_aggregation=1, max_tokens=6, seed=4))
+    other = propose_and_aggregate(eng, [("a", Q1)],
+                                  PAConfig(n=2, num_aggregation=1, sampling=Sampling(max_tokens=6), seed=4))
     assert strip(other[0]) != strip(both[0])
 
 
 def test_long_proposals_are_cut_to_fit_and_recorded():
-    cfg = PAConfig(n=3, num_aggregation=1, max_tokens=20, temperature=1.0, top_p=1.0, seed=1)
+    cfg = PAConfig(n=3, num_aggregation=1, sampling=Sampling(max_tokens=20, temperature=1.0, top_p=1.0), seed=1)
     eng = FakeEngine()
     proposals = [o["text"] for o in propose_and_aggregate(eng, [("a", Q1)], cfg)[0]["trace"][0]["outputs"]]
     whole = eng.count_tokens(aggregator_messages(Q1, proposals))
@@ -85,14 +85,16 @@ def test_proposals_that_cannot_be_cut_to_fit_fail_their_query():
     eng = FakeEngine()
     floor = eng.count_tokens(aggregator_messages(Q1, ["", "", ""]))
     eng.context_window = floor + 20 + 2  # the empty proposals fit, but not three truncation marks
-    out = propose_and_aggregate(eng, [("a", Q1)], PAConfig(n=3, num_aggregation=1, max_tokens=20, seed=1))
+    out = propose_and_aggregate(eng, [("a", Q1)],
+                                PAConfig(n=3, num_aggregation=1, sampling=Sampling(max_tokens=20), seed=1))
     assert "cannot be cut" in out[0]["error"] and len(eng.calls) == 1
 
 
 def test_a_query_that_does_not_fit_fails_alone():
     eng = FakeEngine(context_window=400)
     long_q = [{"role": "user", "content": "word " * 500}]
-    out = propose_and_aggregate(eng, [("long", long_q), ("ok", Q1)], PAConfig(n=2, num_aggregation=1, max_tokens=4))
+    out = propose_and_aggregate(eng, [("long", long_q), ("ok", Q1)],
+                                PAConfig(n=2, num_aggregation=1, sampling=Sampling(max_tokens=4)))
     assert "error" in out[0] and "context window" in out[0]["error"]
     assert "response" in out[1]
     assert all(len(c) == 1 for c in eng.calls)  # the failed query was never sent

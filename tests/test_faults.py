@@ -257,7 +257,7 @@ def test_server_that_never_answers_times_out_and_says_what_it_waits_for(tmp_path
                      rf"\(timeout 1.5 s per attempt, 1 attempt\)", caplog.text)
     assert out.read_text() == json.dumps({"id": "q0", "response": "kept"}) + "\n"
     assert main(["infer", "-i", str(inp), "-m", silent_url, "--timeout", "0"]) == 2
-    assert "timeout must be > 0 seconds, got 0.0" in one_line_error(capsys, "infer")
+    assert "--timeout must be > 0, got 0.0" in one_line_error(capsys, "infer")
 
 
 def test_server_answering_html_is_a_one_line_error(tmp_path, capsys, html_url):

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from aft.engines import load_engine
+from aft.engines.args import EngineArgs
 from aft.engines.base import Request, SamplingParams, derive_seed
 from aft.engines.hf import HFEngine
 from aft.engines.openai import OpenAIEngine, split_total
@@ -70,8 +71,12 @@ def client(url, **kw):
 def test_model_discovery_and_load_engine(server):
     _, url = server
     assert client(url).model == MODEL  # the server's first model
-    eng = load_engine(ModelSpec("openai", url, name=MODEL), max_retries=0, dtype="bfloat16", max_concurrency=3)
+    eng = load_engine(ModelSpec("openai", url, name=MODEL), max_retries=0, max_concurrency=3)
     assert isinstance(eng, OpenAIEngine) and eng.model == MODEL and eng.max_concurrency == 3
+    # through EngineArgs: options of other engines (dtype) are not passed to this one
+    eng2, spec = EngineArgs(model=f"{url}#{MODEL}", dtype="bfloat16", max_concurrency=2, max_retries=0,
+                            timeout=7.5).open()
+    assert spec.kind == "openai" and eng2.max_concurrency == 2 and eng2.timeout == 7.5 and eng2.max_retries == 0
     assert eng.count_tokens(msgs()) is None and eng.context_window is None
 
 

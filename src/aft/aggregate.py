@@ -20,9 +20,10 @@ import logging
 import time
 from dataclasses import dataclass
 
-from .engines.base import Engine, Request, SamplingParams, derive_seed
+from .engines.base import Engine, Request, SamplingParams, check_fits, derive_seed
 from .errors import AftError
 from .prompts import PromptStyle, aggregator_messages, fit_proposals, proposer_messages, shuffled
+from .sampling import Sampling
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +32,7 @@ log = logging.getLogger(__name__)
 class PAConfig:
     n: int = 5
     num_aggregation: int = 2
-    temperature: float = 0.7
-    top_p: float = 0.95
-    top_k: int = 0
-    max_tokens: int = 4096
-    final_layer_temperature: float = 0.7
-    final_layer_top_p: float = 1.0
-    stop: tuple[str, ...] = ()
+    sampling: Sampling = Sampling()  # the layers' settings derive from it (see plan)
     seed: int = 2024
     style: PromptStyle = PromptStyle()
     shuffle: bool = False  # seeded shuffle of the proposal order before each aggregation
@@ -56,9 +51,8 @@ def plan(cfg: PAConfig) -> list[Layer]:
         raise AftError(f"n (the width K) must be >= 1, got {cfg.n}")
     if cfg.num_aggregation < 0:
         raise AftError(f"num_aggregation must be >= 0, got {cfg.num_aggregation}")
-    common = dict(top_k=cfg.top_k, max_tokens=cfg.max_tokens, stop=tuple(cfg.stop))
-    wide = SamplingParams(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p, **common)
-    final = SamplingParams(n=1, temperature=cfg.final_layer_temperature, top_p=cfg.final_layer_top_p, **common)
+    wide = cfg.sampling.params(cfg.n)
+    final = cfg.sampling.final_params()
     aggregations = max(1, cfg.num_aggregation)
     layers = [Layer(0, "propose", wide)]
     layers += [Layer(i, "aggregate", wide) for i in range(1, aggregations)]
@@ -118,11 +112,8 @@ def propose_and_aggregate(engine: Engine, queries: list[tuple[str, list[dict]]],
             item_seed = derive_seed(cfg.seed, s.id)
             try:
                 messages, info = layer_messages(layer, s.query, s.outputs, cfg, engine, item_seed)
-                if layer.role == "propose" and engine.context_window:
-                    n_prompt = engine.count_tokens(messages)
-                    if n_prompt is not None and n_prompt >= engine.context_window:
-                        raise AftError(f"the query needs {n_prompt} prompt tokens, more than the context window "
-                                       f"({engine.context_window})")
+                if layer.role == "propose":
+                    check_fits(engine, messages)
             except AftError as e:
                 s.error = f"layer {layer.index}: {e}"
                 log.warning("query %s: %s", s.id, s.error)

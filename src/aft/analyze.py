@@ -36,21 +36,21 @@ class PerplexityConfig:
                            flags=("-d",))
     checkpoints: str | None = cfglib.opt(None, "an `aft train` output folder: score its base (step 0), every "
                                          "checkpoint-N and the final model, and plot along training")
-    max_rows: int | None = cfglib.opt(None, "score only the first N paired rows")
-    batch_size: int = cfglib.opt(4, "rows per forward pass")
-    dtype: str = cfglib.opt("float32", "float32 (exact) or bfloat16 (faster on CPUs with bf16)")
-    max_length: int = cfglib.opt(4096, "rows longer than this (tokens) are skipped in both conditions")
+    max_rows: int | None = cfglib.opt(None, "score only the first N paired rows", ge=1)
+    batch_size: int = cfglib.opt(4, "rows per forward pass", ge=1)
+    dtype: str = cfglib.opt("float32", "float32 (exact) or bfloat16 (faster on CPUs with bf16)",
+                            choices=("auto", "float32", "bfloat16", "float16"))
+    max_length: int = cfglib.opt(4096, "rows longer than this (tokens) are skipped in both conditions", ge=1)
     output_dir: str | None = cfglib.opt(None, "where perplexity.json / .png go (default: runs/analyze/perplexity)",
                                         flags=("-o",))
 
+    def check(self) -> None:
+        if not self.data:
+            raise AftError("give --data: a folder with aft.jsonl and sft.jsonl")
+
 
 def load_config(config_file: str | None, flags: dict) -> PerplexityConfig:
-    cfg = cfglib.from_sources(PerplexityConfig, config_file, flags)
-    if not cfg.data:
-        raise AftError("give --data: a folder with aft.jsonl and sft.jsonl")
-    if cfg.batch_size < 1:
-        raise AftError(f"batch_size must be >= 1, got {cfg.batch_size}")
-    return cfg
+    return cfglib.from_sources(PerplexityConfig, config_file, flags)
 
 
 def paired_rows(data: str | Path, max_rows: int | None = None) -> list[tuple[dict, dict]]:
@@ -72,7 +72,7 @@ def paired_rows(data: str | Path, max_rows: int | None = None) -> list[tuple[dic
         pairs.append((r, s))
     if not pairs:
         raise AftError(f"{d}: no row id is in both aft.jsonl and sft.jsonl")
-    return pairs[:max_rows] if max_rows else pairs
+    return pairs[:max_rows] if max_rows is not None else pairs
 
 
 def target_nll(lm, encoded: list[dict], batch_size: int = 4) -> list[tuple[float, int]]:

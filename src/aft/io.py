@@ -121,13 +121,22 @@ def parse_query(rec: dict, loc: str) -> list[dict]:
     raise AftError(f"{loc}no usable query: expected one of the fields {', '.join(QUERY_FIELDS)}")
 
 
+def record_id(value, loc: str) -> str | None:
+    """An input record's id as text: a string or a number (a JSON object, list or bool is an error)."""
+    if value is None:
+        return None
+    if isinstance(value, (dict, list, bool)):
+        raise AftError(f'{loc}field "id": expected a string or a number, got {json.dumps(value)[:60]}')
+    return str(value)
+
+
 def read_queries(path: str | Path) -> list[QueryItem]:
     items, seen = [], set()
     for lineno, rec in read_jsonl(path):
         loc = where(path, lineno)
         query = parse_query(rec, loc)
-        qid = rec.get("id", rec.get("question_id"))
-        qid = str(qid) if qid is not None else str(len(items))
+        qid = record_id(rec.get("id", rec.get("question_id")), loc)
+        qid = qid if qid is not None else str(len(items))
         if qid in seen:
             raise AftError(f'{loc}field "id": duplicate id {qid!r}')
         seen.add(qid)
@@ -138,13 +147,30 @@ def read_queries(path: str | Path) -> list[QueryItem]:
 
 
 class JsonlAppender:
-    """Append records to a JSONL file, one flushed line each; safe to resume after a crash."""
+    """Append records to a JSONL file, one flushed line each; safe to resume after a crash.
 
-    def __init__(self, path: str | Path, key: str = "id"):
+    `failed(record)` tells a record of a failed query: with `retry` such records are removed
+    when the file is opened (`retried` counts them), so the query is run again; without, they
+    stay and count as done (`failed_before` counts them).
+    """
+
+    def __init__(self, path: str | Path, key: str = "id", failed=None, retry: bool = True):
         self.path = Path(path)
         self.key = key
         make_parent(self.path)
-        self.done: set[str] = done_ids(self.path, key)
+        self.done: set[str] = set()
+        self.retried = self.failed_before = 0
+        if self.path.exists():
+            repair_torn_tail(self.path)
+            records = [rec for _, rec in read_jsonl(self.path)]
+            bad = [r for r in records if failed is not None and failed(r)]
+            if bad and retry:
+                records = [r for r in records if not failed(r)]
+                rewrite_jsonl(self.path, records)
+                self.retried = len(bad)
+            else:
+                self.failed_before = len(bad)
+            self.done = {str(rec[key]) for rec in records if key in rec}
         self._f = open(self.path, "a", encoding="utf-8")
 
     def write(self, rec: dict) -> None:
@@ -164,13 +190,14 @@ class JsonlAppender:
         self.close()
 
 
-def done_ids(path: str | Path, key: str = "id") -> set[str]:
-    """The `key` values of the records already in an output (empty if none), after cutting a torn last line."""
+def done_ids(path: str | Path, key: str = "id", failed=None) -> set[str]:
+    """The `key` values of the records already in an output (empty if none), after cutting a torn last line;
+    records for which `failed(record)` is true are not done."""
     path = Path(path)
     if not path.exists():
         return set()
     repair_torn_tail(path)
-    return {str(rec[key]) for _, rec in read_jsonl(path) if key in rec}
+    return {str(rec[key]) for _, rec in read_jsonl(path) if key in rec and not (failed and failed(rec))}
 
 
 def repair_torn_tail(path: Path) -> None:
@@ -191,6 +218,14 @@ def repair_torn_tail(path: Path) -> None:
         log.warning("%s: cut a torn last line (%d bytes) left by an interrupted run", path, len(data) - end)
         with open(path, "r+b") as f:
             f.truncate(end)
+
+
+def rewrite_jsonl(path: str | Path, records: list[dict]) -> None:
+    """Replace a JSONL file's records at once (temp file + rename: a crash leaves the old or the new file)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    tmp.replace(path)
 
 
 def write_json(path: str | Path, obj) -> None:

@@ -60,14 +60,14 @@ class TrainConfig:
     eval_data: str | None = cfglib.opt(None, "held-out folder or JSONL file evaluated every eval_steps (optional)")
     mode: str = cfglib.opt("aft", "aft: aggregation rows; sft: plain baseline; mix: aft rows + a fraction of sft rows",
                            choices=MODES)
-    mix_sft_fraction: float = cfglib.opt(0.5, "mix mode: fraction of the sft rows added to all aft rows")
-    max_rows: int | None = cfglib.opt(None, "use only the first N training rows (after mixing)")
+    mix_sft_fraction: float = cfglib.opt(0.5, "mix mode: fraction of the sft rows added to all aft rows", ge=0, le=1)
+    max_rows: int | None = cfglib.opt(None, "use only the first N training rows (after mixing)", ge=1)
     output_dir: str = cfglib.opt("runs/train/aft", "where the adapter / model, checkpoints and metrics go",
                                  flags=("-o",))
     use_peft: bool = cfglib.opt(True, "LoRA (true) or full fine-tuning (false)")
-    lora_r: int = cfglib.opt(16, "LoRA rank")
-    lora_alpha: int = cfglib.opt(32, "LoRA alpha")
-    lora_dropout: float = cfglib.opt(0.05, "LoRA dropout")
+    lora_r: int = cfglib.opt(16, "LoRA rank", ge=1)
+    lora_alpha: int = cfglib.opt(32, "LoRA alpha", ge=1)
+    lora_dropout: float = cfglib.opt(0.05, "LoRA dropout", ge=0, lt=1)
     lora_target_modules: list = cfglib.opt(["all-linear"], "LoRA target modules (all-linear = every linear "
                                            "layer but the output head)")
     load_in_4bit: bool = cfglib.opt(False, "QLoRA: load the base in 4 bit (needs bitsandbytes and a GPU)")
@@ -77,19 +77,25 @@ class TrainConfig:
     dtype: str = cfglib.opt("auto", "weights dtype: auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16")
     resume: bool = cfglib.opt(True, "continue from the last checkpoint in output_dir if there is one")
     # The SFTConfig fields most runs touch, as flags; any other SFTConfig field works from the YAML.
-    learning_rate: float = cfglib.opt(2e-4, "peak learning rate")
-    num_train_epochs: float = cfglib.opt(1.0, "epochs")
-    max_steps: int = cfglib.opt(-1, "stop after this many optimizer steps (-1: use num_train_epochs)")
-    per_device_train_batch_size: int = cfglib.opt(4, "rows per device per micro-batch")
-    gradient_accumulation_steps: int = cfglib.opt(1, "micro-batches per optimizer step")
-    max_length: int = cfglib.opt(1024, "longest tokenized row; longer rows are dropped (and counted)")
-    logging_steps: int = cfglib.opt(5, "log the loss every N steps")
-    save_steps: int = cfglib.opt(50, "checkpoint every N steps (for resuming)")
+    learning_rate: float = cfglib.opt(2e-4, "peak learning rate", gt=0)
+    num_train_epochs: float = cfglib.opt(1.0, "epochs", gt=0)
+    max_steps: int = cfglib.opt(-1, "stop after this many optimizer steps (-1: use num_train_epochs)", ge=-1)
+    per_device_train_batch_size: int = cfglib.opt(4, "rows per device per micro-batch", ge=1)
+    gradient_accumulation_steps: int = cfglib.opt(1, "micro-batches per optimizer step", ge=1)
+    max_length: int = cfglib.opt(1024, "longest tokenized row; longer rows are dropped (and counted)", ge=1)
+    logging_steps: int = cfglib.opt(5, "log the loss every N steps", ge=1)
+    save_steps: int = cfglib.opt(50, "checkpoint every N steps (for resuming)", ge=1)
     bf16: bool | None = cfglib.opt(None, "bf16 autocast (default: on for GPUs that support it, off on CPU)")
     gradient_checkpointing: bool = cfglib.opt(False, "trade compute for memory (big models on GPU)")
     report_to: list = cfglib.opt(["none"], "tensorboard, trackio, wandb or none")
     seed: int = cfglib.opt(42, "seed (row mixing, LoRA init, data order)")
     sft_args: dict = cfglib.opt({}, "other SFTConfig fields (from the YAML's top level)", cli=False)
+
+    def check(self) -> None:
+        if self.max_steps == 0:
+            raise AftError("max_steps must be -1 (train num_train_epochs) or >= 1, got 0")
+        if not (self.data or self.aft_file or self.sft_file):
+            raise AftError("no training data: give --data <folder from `aft data build`> (or --aft_file / --sft_file)")
 
 
 OUR_KEYS = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -127,16 +133,7 @@ def load_config(config_file: str | None, flags: dict) -> TrainConfig:
             ours["sft_args"] = extra
         return ours
 
-    cfg = cfglib.from_sources(TrainConfig, config_file, flags, normalize)
-    if cfg.mode == "mix" and not 0 <= cfg.mix_sft_fraction <= 1:
-        raise AftError(f"mix_sft_fraction must be in [0, 1], got {cfg.mix_sft_fraction}")
-    if not (cfg.data or cfg.aft_file or cfg.sft_file):
-        raise AftError("no training data: give --data <folder from `aft data build`> (or --aft_file / --sft_file)")
-    for name in ("lora_r", "per_device_train_batch_size", "gradient_accumulation_steps", "max_length",
-                 "logging_steps", "save_steps"):
-        if getattr(cfg, name) < 1:
-            raise AftError(f"{name} must be >= 1, got {getattr(cfg, name)}")
-    return cfg
+    return cfglib.from_sources(TrainConfig, config_file, flags, normalize)
 
 
 def config_dict(cfg: TrainConfig) -> dict:

@@ -70,6 +70,14 @@ def flags_given(args: argparse.Namespace, exclude=("command", "handler", "verbos
     return {k: v for k, v in vars(args).items() if k not in exclude}
 
 
+def failed_exit(failed: int, retried: int, what: str, where: str) -> int:
+    """Exit code 1 (and a line on stderr) when the output holds failed queries; else 0."""
+    if not failed:
+        return 0
+    print(f"{failed} {what} failed ({where}); rerun to retry them", file=sys.stderr)
+    return 1
+
+
 PROGRESS_EVERY = 30.0  # seconds between progress log lines when stderr is not a terminal
 
 

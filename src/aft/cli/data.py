@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .. import config as cfglib
-from . import flags_given, progress_bar, token_progress
+from . import failed_exit, flags_given, progress_bar, token_progress
 
 
 def add_parser(sub) -> None:
@@ -38,11 +38,12 @@ def build_main(args) -> int:
     cfg = load_config(args.config, flags)
     with progress_bar(0, "aft data build", unit="prompt") as bar:
         s = run_build(cfg, progress=token_progress(bar))
-    print(f"{s.rows} rows written, {s.resumed} already done, {s.skipped} skipped while building, "
-          f"{s.input_errors} bad input rows; {s.generated_tokens} tokens generated in {s.seconds:.1f}s")
+    print(f"{s.rows} rows written, {s.resumed} already done, {s.skipped} skipped while building "
+          f"({s.failed} failed{f', {s.retried} retried' if s.retried else ''}), {s.input_errors} bad input rows; "
+          f"{s.generated_tokens} tokens generated in {s.seconds:.1f}s")
     _headline(s.card)
     print(f"files: {s.out}/aft.jsonl, sft.jsonl, data_card.md")
-    return 0
+    return failed_exit(s.failed, s.retried, "prompts", f"see {s.out}/skipped.jsonl")
 
 
 def _headline(card: dict | None) -> None:

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import sys
 
 from .. import config as cfglib
 from ..infer import InferConfig, dry_run, load_config, run_infer
-from . import flags_given, progress_bar, token_progress
+from . import failed_exit, flags_given, progress_bar, token_progress
 
 SHOW_ANSWERS = 20  # print the answers themselves for runs up to this size
 
@@ -38,12 +37,11 @@ def main(args) -> int:
             answer = row.get("response") if "error" not in row else f"ERROR: {row['error']}"
             print(f"[{row['id']}] {question}\n  -> {answer.strip()}\n")
     rate = summary.generated_tokens / summary.seconds if summary.seconds else 0.0
-    print(f"{summary.done} queries done, {summary.skipped} already done, {summary.errors} failed; "
+    print(f"{summary.done} queries done, {summary.skipped} already done, {summary.errors} failed"
+          f"{f' ({summary.retried} failed before, retried)' if summary.retried else ''}; "
           f"{summary.generated_tokens} tokens generated in {summary.seconds:.1f}s ({rate:.0f} tok/s)")
     print(f"answers and full traces: {summary.output_file}")
-    if summary.errors:
-        print(f"{summary.errors} queries failed: see their 'error' field", file=sys.stderr)
-    return 0
+    return failed_exit(summary.errors, summary.retried, "queries", "see their 'error' field")
 
 
 def row_question(row: dict) -> str:

@@ -32,12 +32,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import config as cfglib
-from ..engines import check_request_limits
-from ..engines.base import Engine, Request, SamplingParams, derive_seed
+from ..engines.args import EngineArgs
+from ..engines.base import Engine, Request, SamplingParams, check_fits, derive_seed
 from ..engines.vllm import memory_shares
 from ..errors import AftError
-from ..io import JsonlAppender, done_ids, output_lock, read_jsonl, repair_torn_tail, write_json
+from ..io import JsonlAppender, done_ids, output_lock, read_jsonl, repair_torn_tail, rewrite_jsonl, write_json
+from ..manifest import Manifest, ResumeArgs
 from ..prompts import STYLES, PromptStyle, proposer_messages
+from ..sampling import KEYS as SAMPLING_KEYS, sampling_args
 from . import card as cardlib
 from .onpolicy import clean_proposal, load_demonstrations, load_model_engine, proposal_messages
 from .scorers import SCORERS, JudgeScorer, RewardModelScorer, Scorer, VerifierScorer
@@ -47,11 +49,17 @@ from .targets import PROGRAM, TARGETS, ProgramTeacher, best_index, teacher_reque
 log = logging.getLogger(__name__)
 
 opt = cfglib.opt
+# The on-policy proposals are one sampled layer: the P&A final-layer keys do not apply.
+PROPOSAL_KEYS = tuple(k for k in SAMPLING_KEYS if not k.startswith("final_layer"))
 
 
 @dataclass
-class DataConfig:
-    out: str = opt("runs/data", "output folder (aft.jsonl, sft.jsonl, data card, config.json)", flags=("-o",))
+class DataConfig(EngineArgs, sampling_args("on_policy", PROPOSAL_KEYS), ResumeArgs):
+    """`model` (EngineArgs) is the model to be trained: it samples the on-policy proposals with the sampling
+    settings; the teacher and the judge are opened with the same engine options."""
+
+    out: str = opt("runs/data", "output folder (aft.jsonl, sft.jsonl, data card, config.json)", flags=("-o",),
+                   run=True)
     # --- prompts and off-policy proposals
     input_file: str | None = opt(None, "preference or prompts file (.jsonl, .parquet) or a hub dataset name",
                                  flags=("-i",))
@@ -63,45 +71,39 @@ class DataConfig:
                            "gsm_symbolic) as the prompt source, with reference answers")
     task_config: dict = opt({}, "reasoning-gym task config (YAML only)", cli=False)
     n_prompts: int | None = opt(None, "prompts to use (reasoning-gym: how many; a file: its first N rows)",
-                                flags=("-n",))
+                                flags=("-n",), ge=1)
     split: str = opt("train", "reasoning-gym split: train or eval (disjoint by question text)",
                      choices=("train", "eval"))
-    eval_size: int = opt(100, "reasoning-gym: questions reserved for evaluation (the eval stage uses the same)")
-    pool_size: int = opt(1000, "reasoning-gym: entries drawn to find distinct questions")
+    eval_size: int = opt(100, "reasoning-gym: questions reserved for evaluation (the eval stage uses the same)",
+                         ge=0)
+    pool_size: int = opt(1000, "reasoning-gym: entries drawn to find distinct questions", ge=1)
     split_seed: int = opt(0, "reasoning-gym: seed of the pool and of the train/eval split")
     # --- proposals
     proposals: str = opt("auto", "off_policy: the dataset's responses; on_policy: sampled from --model; "
                          "auto: off_policy when rows carry responses", choices=("auto", "off_policy", "on_policy"))
-    k: int = opt(4, "proposals per prompt (K)", flags=("-k",))
-    m: int = opt(8, "on-policy candidates sampled per prompt (M >= K)")
+    k: int = opt(4, "proposals per prompt (K)", flags=("-k",), ge=1)
+    m: int = opt(8, "on-policy candidates sampled per prompt (M >= K)", ge=1)
     select: str = opt("top", "which K: top by score, random (seeded) or all", choices=SELECT)
-    model: str = opt("smollm2-135m", "the model to be trained (samples on-policy proposals)", flags=("-m",))
-    engine: str = opt("auto", "engine of --model", choices=("auto", "hf", "openai", "vllm"))
     proposal_prompt: str = opt("auto", "on-policy prompt: chat (the model's template), demonstrations "
                                "(in-context, for base models), auto (demonstrations iff no chat template)",
                                choices=("auto", "chat", "demonstrations"))
     demonstrations_file: str | None = opt(None, "JSONL of {query, response} (default: the bundled set)")
-    temperature: float = opt(1.0, "on-policy sampling temperature")
-    top_p: float = opt(0.95, "on-policy top-p")
-    top_k: int = opt(50, "on-policy top-k (0 = off)")
-    max_tokens: int = opt(512, "on-policy max new tokens per proposal")
-    stop: list = opt([], "on-policy stop strings")
     # --- scorer
     scorer: str = opt("auto", "scores proposals (top-K) and targets (report); auto: verifier when prompts "
                       "have reference answers, else none", choices=("auto",) + SCORERS)
     reward_model: str | None = opt(None, "reward model (transformers sequence classifier) for scorer reward_model")
     judge_model: str | None = opt(None, "judge model (any --model value) for scorer judge")
     judge_engine: str = opt("auto", "engine of the judge", choices=("auto", "hf", "openai", "vllm"))
-    judge_max_tokens: int = opt(256, "judge: max new tokens")
+    judge_max_tokens: int = opt(256, "judge: max new tokens", ge=1)
     # --- target
     target: str = opt("teacher", "teacher aggregation, best proposal, or reference (pseudo-aggregation)",
                       choices=TARGETS)
     teacher: str | None = opt(None, "teacher model (any --model value; e.g. http://host:8000/v1#Llama-70B), or "
                               "'program': a correct worked solution that reviews the proposals (reasoning-gym)")
     teacher_engine: str = opt("auto", "engine of the teacher", choices=("auto", "hf", "openai", "vllm"))
-    teacher_temperature: float = opt(0.0, "teacher temperature (0 = greedy)")
-    teacher_top_p: float = opt(1.0, "teacher top-p")
-    teacher_max_tokens: int = opt(1024, "teacher max new tokens")
+    teacher_temperature: float = opt(0.0, "teacher temperature (0 = greedy)", ge=0)
+    teacher_top_p: float = opt(1.0, "teacher top-p", gt=0, le=1)
+    teacher_max_tokens: int = opt(1024, "teacher max new tokens", ge=1)
     min_target_score: float | None = opt(None, "drop rows whose target scores below this (e.g. 1 with the verifier: "
                                          "keep only verified-correct targets; counted in skipped.jsonl)")
     no_proposals: bool = opt(False, "also write aft_noprop.jsonl (the no-proposals ablation: query -> aggregation)")
@@ -111,69 +113,43 @@ class DataConfig:
     style: str = opt("aft", "prompt style (aft = the released checkpoints' prompts)", choices=STYLES)
     template_file: str | None = opt(None, "a file with your own aggregator preamble (overrides style)")
     seed: int = opt(2024, "seed; every prompt derives its own from it and its id")
-    batch_size: int = opt(8, "prompts per engine call")
-    shard: str = opt("0/1", "i/n: build the i-th of n contiguous parts (into <out>/shards/i-of-n)")
-    on_error: str = opt("skip", "a bad input row: skip it (counted in the data card) or stop", choices=("skip", "stop"))
-    dtype: str = opt("auto", "hf engines: auto, float32, bfloat16, float16")
-    device: str = opt("auto", "hf engines: auto, cpu, cuda ...")
-    max_concurrency: int = opt(8, "openai engines: requests in flight")
-    timeout: float = opt(300.0, "openai engines: seconds to wait for one reply before retrying")
-    max_retries: int = opt(2, "openai engines: retries of a timed-out, dropped or 429/5xx call")
-    api_key: str | None = opt(None, "openai engines: API key (default: $OPENAI_API_KEY)", cli=False)
-    tensor_parallel_size: int = opt(1, "vllm engines: GPUs per replica")
-    context_window: int | None = opt(None, "override the engines' context window (tokens)")
+    batch_size: int = opt(8, "prompts per engine call", ge=1, run=True)
+    shard: str = opt("0/1", "i/n: build the i-th of n contiguous parts (into <out>/shards/i-of-n)", run=True)
+    on_error: str = opt("skip", "a bad input row: skip it (counted in the data card) or stop", choices=("skip", "stop"),
+                        run=True)
 
     def prompt_style(self) -> PromptStyle:
         return PromptStyle.get(self.style, self.template_file)
 
-
-# Keys that do not change what a row contains: a resumed run or a shard may differ in them.
-RUN_KEYS = ("out", "batch_size", "shard", "on_error", "dtype", "device", "max_concurrency", "timeout", "max_retries",
-            "api_key", "tensor_parallel_size")
-
-
-# Keys added after the first release: hashed only when set, so older outputs stay resumable.
-HASH_IF_SET = ("min_target_score", "pseudo_aggregation")
+    def check(self) -> None:
+        """What the field declarations cannot say: how keys go together."""
+        if (self.input_file is None) == (self.task is None):
+            raise AftError("give exactly one prompt source: --input_file (a file or hub dataset) or --task "
+                           "(reasoning-gym)")
+        if self.task is not None and self.n_prompts is None:
+            raise AftError("--task needs --n_prompts (how many reasoning-gym prompts)")
+        if self.proposals == "on_policy" and self.m < self.k and self.select != "all":
+            raise AftError(f"on-policy sampling needs m >= k (m={self.m}, k={self.k})")
+        if self.scorer == "reward_model" and not self.reward_model:
+            raise AftError("scorer reward_model needs --reward_model (a sequence-classification model folder)")
+        if self.scorer == "judge" and not self.judge_model:
+            raise AftError("scorer judge needs --judge_model")
+        if self.pseudo_aggregation and self.target != "teacher":
+            raise AftError("--pseudo_aggregation needs --target teacher (the teacher writes the solution)")
+        if self.target == "teacher" and not self.teacher:
+            raise AftError("target teacher needs --teacher (any model: folder, smollm2-135m, "
+                           "http://host:port/v1#name, vllm:...); or use --target best (verifiable tasks) or reference")
+        shard_slice([], self.shard)
+        self.prompt_style()
 
 
 def config_hash(cfg: DataConfig) -> str:
-    d = cfglib.to_dict(cfg)
-    return cfglib.fingerprint({k: v for k, v in d.items()
-                               if k not in RUN_KEYS and not (k in HASH_IF_SET and v in (None, False))})
+    """A short hash of the settings that change what a row contains (shards of one build share it)."""
+    return cfglib.fingerprint(cfglib.output_settings(cfg))
 
 
 def load_config(config_file: str | None, flags: dict) -> DataConfig:
-    cfg = cfglib.from_sources(DataConfig, config_file, flags)
-    check_config(cfg)
-    return cfg
-
-
-def check_config(cfg: DataConfig) -> None:
-    for name in ("k", "m", "batch_size", "max_tokens", "teacher_max_tokens", "pool_size"):
-        if getattr(cfg, name) < 1:
-            raise AftError(f"{name} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.n_prompts is not None and cfg.n_prompts < 1:
-        raise AftError(f"n_prompts must be >= 1, got {cfg.n_prompts}")
-    if (cfg.input_file is None) == (cfg.task is None):
-        raise AftError("give exactly one prompt source: --input_file (a file or hub dataset) or --task (reasoning-gym)")
-    if cfg.task is not None and cfg.n_prompts is None:
-        raise AftError("--task needs --n_prompts (how many reasoning-gym prompts)")
-    if cfg.proposals == "on_policy" and cfg.m < cfg.k and cfg.select != "all":
-        raise AftError(f"on-policy sampling needs m >= k (m={cfg.m}, k={cfg.k})")
-    if cfg.scorer == "reward_model" and not cfg.reward_model:
-        raise AftError("scorer reward_model needs --reward_model (a sequence-classification model folder)")
-    if cfg.scorer == "judge" and not cfg.judge_model:
-        raise AftError("scorer judge needs --judge_model")
-    if cfg.pseudo_aggregation and cfg.target != "teacher":
-        raise AftError("--pseudo_aggregation needs --target teacher (the teacher writes the solution)")
-    if cfg.target == "teacher" and not cfg.teacher:
-        raise AftError("target teacher needs --teacher (any model: folder, smollm2-135m, http://host:port/v1#name, "
-                       "vllm:...); or use --target best (verifiable tasks) or reference")
-    if not 0 < cfg.top_p <= 1 or not 0 < cfg.teacher_top_p <= 1:
-        raise AftError("top_p and teacher_top_p must be in (0, 1]")
-    check_request_limits(cfg.timeout, cfg.max_retries)
-    shard_slice([], cfg.shard)
-    cfg.prompt_style()
+    return cfglib.from_sources(DataConfig, config_file, flags)
 
 
 # ----------------------------------------------------------------------- input
@@ -233,12 +209,6 @@ def _scorer_name(cfg: DataConfig, items: list[Item]) -> str:
     return "verifier" if any(it.answer is not None for it in items) else "none"
 
 
-def _engine_kw(cfg: DataConfig) -> dict:
-    return dict(dtype=cfg.dtype, device=cfg.device, max_concurrency=cfg.max_concurrency, api_key=cfg.api_key,
-                timeout=cfg.timeout, max_retries=cfg.max_retries,
-                tensor_parallel_size=cfg.tensor_parallel_size, seed=cfg.seed, context_window=cfg.context_window)
-
-
 def vllm_models(cfg: DataConfig, on_policy: bool, scorer_name: str) -> set[str]:
     """The distinct vLLM models this build holds at once (proposer, teacher, judge): they share the GPU."""
     wanted = [(cfg.model, cfg.engine)] if on_policy else []
@@ -251,14 +221,16 @@ def vllm_models(cfg: DataConfig, on_policy: bool, scorer_name: str) -> set[str]:
 
 def _prepare(cfg: DataConfig, res: Resources, on_policy: bool, scorer_name: str) -> Resources:
     cache: dict = {}
-    # vLLM takes 0.9 of the GPU by default: two vLLM models in this process get an equal share each.
+    # vLLM takes gpu_memory_utilization of the GPU: two vLLM models in this process get an equal share each.
     shared = len(vllm_models(cfg, on_policy, scorer_name))
-    share = {"gpu_memory_utilization": memory_shares(shared)} if shared > 1 else {}
+    args = cfg.engine_args()
+    if shared > 1:
+        args = dataclasses.replace(args, gpu_memory_utilization=memory_shares(shared, args.gpu_memory_utilization))
 
     def engine_for(model: str, engine: str):
         key = (model, engine)
         if key not in cache:
-            cache[key] = load_model_engine(model, engine, **_engine_kw(cfg), **share)
+            cache[key] = load_model_engine(args, model, engine, seed=cfg.seed)
             res.owned.append(cache[key])
         return cache[key]
 
@@ -289,7 +261,9 @@ class Summary:
     out: Path
     rows: int = 0  # written now
     resumed: int = 0  # done in an earlier run
-    skipped: int = 0  # dropped while building (see skipped.jsonl)
+    skipped: int = 0  # dropped while building (see skipped.jsonl), failed ones included
+    failed: int = 0  # prompts that failed (in skipped.jsonl with "failed": true)
+    retried: int = 0  # failed in an earlier run, run again now
     input_errors: int = 0
     generated_tokens: int = 0
     seconds: float = 0.0
@@ -306,7 +280,7 @@ def out_dir(cfg: DataConfig) -> Path:
 
 def run_build(cfg: DataConfig, resources: Resources | None = None, progress=None) -> Summary:
     """Build the data set of `cfg`. `progress(done, total, tokens)` after each chunk."""
-    check_config(cfg)
+    cfg.check()
     res = resources or Resources()
     style = cfg.prompt_style()
     rows = load_items(cfg)
@@ -321,7 +295,8 @@ def run_build(cfg: DataConfig, resources: Resources | None = None, progress=None
 def _build_locked(cfg: DataConfig, res: Resources, style: PromptStyle, rows: list, items: list, errors: list,
                   out: Path, progress) -> Summary:
     chash = config_hash(cfg)
-    _check_resume(cfg, out, chash)
+    run = Manifest(out / "config.json", out, cfglib.output_settings(cfg), {"config": cfglib.to_dict(cfg)})
+    run.check(inputs=[cfg.input_file], records=[out / name for name in OUTPUTS])
     _trim_partial(out, cfg.no_proposals)
 
     off = _off_policy(cfg, rows)
@@ -333,20 +308,18 @@ def _build_locked(cfg: DataConfig, res: Resources, style: PromptStyle, rows: lis
     sft = JsonlAppender(out / "sft.jsonl")
     noprop = JsonlAppender(out / "aft_noprop.jsonl") if cfg.no_proposals else None
     pseudo = JsonlAppender(out / "aft_pseudo.jsonl") if cfg.pseudo_aggregation else None
-    skipped = JsonlAppender(out / "skipped.jsonl")
+    skipped = JsonlAppender(out / "skipped.jsonl", failed=is_failed, retry=cfg.retry_failed)
+    summary.retried, summary.failed = skipped.retried, skipped.failed_before
     try:
         done = aft.done | skipped.done
         todo = [it for it in items if it.id not in done]
         summary.resumed = len(items) - len(todo)
         if todo:
             _prepare(cfg, res, not off, scorer_name)
-        write_json(out / "config.json", {
-            "config": {k: v for k, v in cfglib.to_dict(cfg).items() if k != "api_key"},
-            "config_hash": chash, "proposals": "off_policy" if off else "on_policy", "scorer": scorer_name,
-            "proposer": res.proposer.describe() if res.proposer else None,
-            "teacher": res.teacher.describe() if res.teacher else None,
-            "scorer_info": res.scorer.describe() if res.scorer else None,
-        })
+        run.write(config_hash=chash, proposals="off_policy" if off else "on_policy", scorer=scorer_name,
+                  proposer=res.proposer.describe() if res.proposer else None,
+                  teacher=res.teacher.describe() if res.teacher else None,
+                  scorer_info=res.scorer.describe() if res.scorer else None)
         builder = _Builder(cfg, res, style, off, chash)
         t0 = time.perf_counter()
         for s in range(0, len(todo), cfg.batch_size):
@@ -354,8 +327,10 @@ def _build_locked(cfg: DataConfig, res: Resources, style: PromptStyle, rows: lis
             for item, rec in zip(chunk, builder.run(chunk)):
                 if "skip" in rec:
                     skipped.write({"id": item.id, "reason": rec["skip"], "source": item.meta.get("source"),
-                                   "source_line": item.meta.get("source_line"), "scores": rec.get("scores")})
+                                   "source_line": item.meta.get("source_line"), "scores": rec.get("scores"),
+                                   **({"failed": True} if rec.get("failed") else {})})
                     summary.skipped += 1
+                    summary.failed += is_failed(rec)
                     continue
                 sft.write(rec["sft"])
                 if noprop is not None:
@@ -378,20 +353,10 @@ def _build_locked(cfg: DataConfig, res: Resources, style: PromptStyle, rows: lis
     return summary
 
 
-def _check_resume(cfg: DataConfig, out: Path, chash: str) -> None:
-    meta = out / "config.json"
-    if not (out / "aft.jsonl").exists() or not meta.exists():
-        return
-    try:
-        previous = json.loads(meta.read_text())
-    except (ValueError, OSError):
-        return
-    if previous.get("config_hash") != chash:
-        old = previous.get("config", {})
-        now = cfglib.to_dict(cfg)
-        changed = [k for k in now if k not in RUN_KEYS and k != "api_key" and old.get(k) != now[k]]
-        raise AftError(f"{out}: was built with a different {', '.join(changed) or 'config'}; choose another --out "
-                       f"or delete it to start over")
+def is_failed(record: dict) -> bool:
+    """A prompt that failed (an error, e.g. a prompt longer than the context window), not one left out by
+    design (a target below min_target_score): retried on a rerun."""
+    return bool(record.get("failed"))
 
 
 def _trim_partial(out: Path, no_proposals: bool) -> None:
@@ -407,9 +372,7 @@ def _trim_partial(out: Path, no_proposals: bool) -> None:
         recs = [r for _, r in read_jsonl(p)]
         keep = [r for r in recs if str(r.get("id")) in done]
         if len(keep) != len(recs):
-            tmp = p.with_name(p.name + ".tmp")
-            tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in keep), encoding="utf-8")
-            tmp.replace(p)
+            rewrite_jsonl(p, keep)
 
 
 class _Builder:
@@ -426,9 +389,8 @@ class _Builder:
             if mode == "demonstrations":
                 self.demos = load_demonstrations(cfg.demonstrations_file)
             self.prompt_mode = mode
-        self.params = SamplingParams(n=cfg.m, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                                     max_tokens=cfg.max_tokens,
-                                     stop=tuple(cfg.stop) + (("# Query:",) if self.demos else ()))
+        params = cfg.sampling_settings().params(cfg.m)
+        self.params = dataclasses.replace(params, stop=params.stop + (("# Query:",) if self.demos else ()))
 
     # --- proposals
     def candidates(self, chunk: list[Item]) -> list[list[Proposal] | str]:
@@ -439,11 +401,11 @@ class _Builder:
         reqs, where = [], []
         for i, it in enumerate(chunk):
             messages = proposal_messages(it.query, self.style, self.demos)
-            if eng.context_window:
-                n = eng.count_tokens(messages)
-                if n is not None and n >= eng.context_window:
-                    out[i] = f"the proposal prompt needs {n} tokens, more than the context window"
-                    continue
+            try:
+                check_fits(eng, messages)
+            except AftError as e:
+                out[i] = f"proposal prompt: {e}"
+                continue
             seed = derive_seed(self.cfg.seed, it.id, "propose")
             reqs.append(Request(messages, dataclasses.replace(self.params, seed=seed)))
             where.append(i)
@@ -459,7 +421,7 @@ class _Builder:
         cfg = self.cfg
         cands = self.candidates(chunk)
         live = [i for i, c in enumerate(cands) if not isinstance(c, str)]
-        recs: list[dict] = [{"skip": c} if isinstance(c, str) else {} for c in cands]
+        recs: list[dict] = [{"skip": c, "failed": True} if isinstance(c, str) else {} for c in cands]
         # scores: the scorer's when there is one (dataset scores kept in meta), else the dataset's
         dataset_scores = {i: [p.score for p in cands[i]] for i in live}
         # which scale a prompt's scores are on: the scorer's, the dataset's, or none (the card keeps them apart)

@@ -89,28 +89,18 @@ def base_engine(model, tokenizer, **kw):
     return engine
 
 
-def load_model_engine(model: str, engine: str = "auto", dtype: str = "auto", device: str = "auto",
-                      max_concurrency: int = 8, api_key: str | None = None, tensor_parallel_size: int = 1,
-                      seed: int = 0, context_window: int | None = None, gpu_memory_utilization: float | None = None,
-                      timeout: float | None = None, max_retries: int | None = None):
-    """Any engine for a --model value. A local transformers model is loaded here so that a base
-    model (no chat template) can be given raw prompts; other kinds go through aft.engines.load_engine."""
+def load_model_engine(args, model: str, engine: str = "auto", seed: int | None = None):
+    """Any engine for a --model value, opened with `args` (EngineArgs). A local transformers model is loaded
+    here so that a base model (no chat template) can be given raw prompts; other kinds open as usual."""
     from ..models import resolve
 
     spec = resolve(model, None if engine == "auto" else engine)
-    if spec.kind == "hf":
-        from ..loading import load_pretrained
+    if spec.kind != "hf":
+        return args.open(model, engine, seed=seed)[0]
+    from ..loading import load_pretrained
 
-        lm, tok = load_pretrained(spec.path, adapter=spec.adapter, dtype=dtype, device=device)
-        eng = base_engine(lm, tok, display_name=spec.name or spec.path)
-    else:
-        try:
-            from ..engines import load_engine
-        except ImportError:
-            raise AftError(f"the {spec.kind} engine is not available in this install") from None
-        eng = load_engine(spec, dtype=dtype, device=device, max_concurrency=max_concurrency, api_key=api_key,
-                          tensor_parallel_size=tensor_parallel_size, seed=seed,
-                          gpu_memory_utilization=gpu_memory_utilization, timeout=timeout, max_retries=max_retries)
-    if context_window:
-        eng.context_window = context_window
+    lm, tok = load_pretrained(spec.path, adapter=spec.adapter, dtype=args.dtype, device=args.device)
+    eng = base_engine(lm, tok, display_name=spec.name or spec.path, max_batch_rows=args.max_batch_rows)
+    if args.context_window:
+        eng.context_window = args.context_window
     return eng

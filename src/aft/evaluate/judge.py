@@ -18,9 +18,12 @@ from __future__ import annotations
 import json
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import alias, opt
 from ..data.scorers import JUDGE_PROMPT, JUDGE_SYSTEM, parse_rating
+from ..engines.args import EngineArgs
 from ..engines.base import Engine, Request, SamplingParams, derive_seed
 from ..errors import AftError
 from ..io import JsonlAppender, read_jsonl, read_text
@@ -28,6 +31,37 @@ from ..io import JsonlAppender, read_jsonl, read_text
 NEED_REF_CATS = ("math", "reasoning", "coding")
 _BRACKET = re.compile(r"\[(\d+\.?\d*)\]")
 
+
+
+@dataclass
+class JudgeConfig(EngineArgs):
+    """`model` (also --judge_model, the judge) is opened with the engine options."""
+
+    model: str | None = alias(EngineArgs, "model", "--judge_model", "--judge-model", default=None)
+    engine: str = alias(EngineArgs, "engine", "--judge_engine", "--judge-engine")
+    answers: str | None = opt(None, "answers file written by `aft eval export` (or any in those formats)",
+                              cli=False)
+    questions: str | None = opt(None, "mt_bench: question.jsonl (default: the package's)")
+    output: str | None = opt(None, "judgments JSONL (default: model_judgment/<judge>_single.jsonl beside a FastChat "
+                             "model_answer folder, else <model_id>.judgment.jsonl beside the answers)", flags=("-o",))
+    model_id: str | None = opt(None, "the graded model's name (default: from the answers)")
+    max_tokens: int = opt(512, "judge: max new tokens", ge=1)
+    limit: int | None = opt(None, "only the first N answers", ge=1)
+    batch_size: int = opt(16, "answers per engine call", ge=1)
+
+    def check(self) -> None:
+        if not self.model:
+            raise AftError("give the judge: --judge_model (any --model value)")
+        if not self.answers:
+            raise AftError("give the answers file")
+
+
+# The judge's keys under the names `aft eval judge` used first (and `aft data build` uses).
+ALIASES = {"judge_model": "model", "judge_engine": "engine"}
+
+
+def normalize(raw: dict, source: str) -> dict:
+    return {ALIASES.get(k, k): v for k, v in raw.items()}
 
 def judge_rating(text: str) -> float:
     """The 1-10 rating in a judge's reply ("Rating: [[7]]"), or -1 when there is none (FastChat's convention)."""

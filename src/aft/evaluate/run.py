@@ -24,13 +24,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import config as cfglib
-from ..engines import check_request_limits, open_engine
+from ..engines.args import EngineArgs
 from ..errors import AftError
 from ..io import JsonlAppender, done_ids, output_lock, read_jsonl, write_json
+from ..manifest import Manifest, ResumeArgs
+from ..models import resolve
 from ..prompts import STYLES, PromptStyle
+from ..sampling import sampling_args
 from .cache import CachedEngine, model_fingerprint
 from .compute import num_parameters
-from .strategies import Sampling, Strategy, parse_strategy, run_strategy
+from .strategies import Strategy, parse_strategy, run_strategy
 from .tasks import load_task
 
 log = logging.getLogger(__name__)
@@ -40,54 +43,44 @@ DEFAULT_STRATEGIES = ["greedy", "sample", "pa:k=4,l=1", "best_of_n:n=4,scorer=ve
 
 
 @dataclass
-class EvalConfig:
-    out: str = opt("runs/eval", "output folder (cache, records, report)", flags=("-o",))
-    model: str = opt("smollm2-135m", "any `aft infer --model` value (embedded name, folder, adapter, URL, vllm:..)",
-                     flags=("-m",))
-    label: str | None = opt(None, "name of this model in the report (default: from --model)")
-    engine: str = opt("auto", "engine; auto picks from --model", choices=("auto", "hf", "openai", "vllm"))
+class EvalConfig(EngineArgs, sampling_args("eval"), ResumeArgs):
+    out: str = opt("runs/eval", "output folder (cache, records, report)", flags=("-o",), run=True)
+    label: str | None = opt(None, "name of this model in the report (default: from --model)", run=True)
     tasks: list = opt(["rg:arith1"], "tasks: rg:<reasoning-gym task or preset>, gsm8k:<file.jsonl>, "
-                      "ifeval:<file.jsonl>")
+                      "ifeval:<file.jsonl>", run=True)
     strategies: list = opt(list(DEFAULT_STRATEGIES), "strategies: greedy, sample, pa:k=K,l=L, "
-                           "best_of_n:n=N,scorer=verifier|reward_model, majority:n=N")
-    sweep: bool = opt(False, "also run the width x depth sweep (pa over sweep_k x sweep_l; l=0 = one sample)")
-    sweep_k: list = opt([1, 2, 4, 8], "sweep widths K")
-    sweep_l: list = opt([0, 1, 2, 3], "sweep depths L")
-    seeds: list = opt([0], "run seeds (each question derives its own from each)")
-    limit: int | None = opt(None, "use only the first N questions of each task")
-    eval_size: int = opt(100, "reasoning-gym: held-out questions (same as `aft data build --eval_size`)")
-    pool_size: int = opt(1000, "reasoning-gym: pool size (same as `aft data build --pool_size`)")
+                           "best_of_n:n=N,scorer=verifier|reward_model, majority:n=N", run=True)
+    sweep: bool = opt(False, "also run the width x depth sweep (pa over sweep_k x sweep_l; l=0 = one sample)",
+                      run=True)
+    sweep_k: list = opt([1, 2, 4, 8], "sweep widths K", run=True)
+    sweep_l: list = opt([0, 1, 2, 3], "sweep depths L", run=True)
+    seeds: list = opt([0], "run seeds (each question derives its own from each)", run=True)
+    limit: int | None = opt(None, "use only the first N questions of each task", ge=1, run=True)
+    eval_size: int = opt(100, "reasoning-gym: held-out questions (same as `aft data build --eval_size`)", ge=1)
+    pool_size: int = opt(1000, "reasoning-gym: pool size (same as `aft data build --pool_size`)", ge=1)
     split_seed: int = opt(0, "reasoning-gym: split seed (same as `aft data build --split_seed`)")
-    temperature: float = opt(0.7, "sampling temperature (samples, proposals, intermediate layers)")
-    top_p: float = opt(0.95, "top-p of sampled generations")
-    top_k: int = opt(50, "top-k of sampled generations (0 = off)")
-    max_tokens: int = opt(256, "max new tokens per generation")
-    final_layer_temperature: float = opt(0.0, "P&A final aggregation temperature (0 = greedy)")
-    final_layer_top_p: float = opt(1.0, "P&A final aggregation top-p")
-    stop: list = opt([], "stop strings")
     style: str = opt("aft", "prompt style", choices=STYLES)
     template_file: str | None = opt(None, "your own aggregator preamble (overrides style)")
-    batch_size: int = opt(16, "questions per engine call (and per resumable chunk)")
+    batch_size: int = opt(16, "questions per engine call (and per resumable chunk)", ge=1, run=True)
     reward_model: str | None = opt(None, "reward model (transformers sequence classifier) for "
                                    "best_of_n:scorer=reward_model")
     num_parameters: int | None = opt(None, "model parameters for the FLOPs estimate when the engine cannot tell "
-                                     "(remote models)")
-    cache: bool = opt(True, "keep every sample in <out>/cache/<model fingerprint>.jsonl and reuse it")
-    report: bool = opt(True, "write the report when the run ends")
-    n_boot: int = opt(2000, "bootstrap replicates for the intervals")
-    dtype: str = opt("auto", "hf engine: auto, float32, bfloat16, float16")
-    device: str = opt("auto", "hf engine: auto, cpu, cuda ...")
-    max_concurrency: int = opt(8, "openai engine: requests in flight")
-    timeout: float = opt(300.0, "openai engine: seconds to wait for one reply before retrying")
-    max_retries: int = opt(2, "openai engine: retries of a timed-out, dropped or 429/5xx call")
-    tensor_parallel_size: int = opt(1, "vllm engine: GPUs per replica")
-    context_window: int | None = opt(None, "override the model's context window (tokens)")
+                                     "(remote models)", ge=1, run=True)
+    cache: bool = opt(True, "keep every sample in <out>/cache/<model fingerprint>.jsonl and reuse it", run=True)
+    report: bool = opt(True, "write the report when the run ends", run=True)
+    n_boot: int = opt(2000, "bootstrap replicates for the intervals", ge=1, run=True)
 
-    def sampling(self) -> Sampling:
-        return Sampling(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, max_tokens=self.max_tokens,
-                        final_layer_temperature=self.final_layer_temperature,
-                        final_layer_top_p=self.final_layer_top_p, stop=tuple(self.stop),
-                        style=PromptStyle.get(self.style, self.template_file))
+    def prompt_style(self) -> PromptStyle:
+        return PromptStyle.get(self.style, self.template_file)
+
+    def check(self) -> None:
+        if self.temperature <= 0:
+            raise AftError("temperature must be > 0 (greedy is its own strategy)")
+        self.prompt_style()
+        strategies = self.strategy_list()
+        self.seed_list()
+        if any(s.kind == "best_of_n" and s.scorer == "reward_model" for s in strategies) and not self.reward_model:
+            raise AftError("best_of_n:scorer=reward_model needs --reward_model <folder>")
 
     def strategy_list(self) -> list[Strategy]:
         out: list[Strategy] = []
@@ -126,28 +119,7 @@ def default_label(model: str) -> str:
 
 
 def load_config(config_file: str | None, flags: dict) -> EvalConfig:
-    cfg = cfglib.from_sources(EvalConfig, config_file, flags)
-    for name in ("batch_size", "max_tokens", "eval_size", "pool_size", "n_boot"):
-        if getattr(cfg, name) < 1:
-            raise AftError(f"{name} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.limit is not None and cfg.limit < 1:
-        raise AftError(f"limit must be >= 1, got {cfg.limit}")
-    if not 0 < cfg.top_p <= 1 or not 0 < cfg.final_layer_top_p <= 1:
-        raise AftError("top_p and final_layer_top_p must be in (0, 1]")
-    if cfg.temperature <= 0:
-        raise AftError("temperature must be > 0 (greedy is its own strategy)")
-    check_request_limits(cfg.timeout, cfg.max_retries)
-    cfg.sampling()
-    strategies = cfg.strategy_list()
-    cfg.seed_list()
-    if any(s.kind == "best_of_n" and s.scorer == "reward_model" for s in strategies) and not cfg.reward_model:
-        raise AftError("best_of_n:scorer=reward_model needs --reward_model <folder>")
-    return cfg
-
-
-# What changes the generated records: a resumed file must agree on all of it.
-RECORD_KEYS = ("temperature", "top_p", "top_k", "max_tokens", "final_layer_temperature", "final_layer_top_p", "stop",
-               "style", "template_file", "eval_size", "pool_size", "split_seed", "reward_model")
+    return cfglib.from_sources(EvalConfig, config_file, flags)
 
 
 @dataclass
@@ -161,18 +133,21 @@ class Summary:
     seconds: float = 0.0
     cache_hits: int = 0
     cache_misses: int = 0
+    failed: int = 0  # records with an error in the files of this run (retried on a rerun)
+    retried: int = 0  # failed in an earlier run, run again now
     accuracy: dict = dataclasses.field(default_factory=dict)  # (task, strategy) -> mean over seeds and questions
 
 
 def run_eval(cfg: EvalConfig, engine=None, progress=None) -> Summary:
     """Run every (task, strategy, seed) not yet cached. `engine`: an already built Engine (tests);
     `progress(done, total, tokens)` after each chunk. One writer per --out folder (a lock beside it)."""
+    cfg.check()
     with output_lock(cfg.out):
         return _run_eval_locked(cfg, engine, progress)
 
 
 def _run_eval_locked(cfg: EvalConfig, engine, progress) -> Summary:
-    sampling = cfg.sampling()
+    sampling, style = cfg.sampling_settings(), cfg.prompt_style()
     strategies = sorted(cfg.strategy_list(), key=lambda s: -s.width)  # wide first: the cache serves the narrow
     seeds = cfg.seed_list()
     tasks = [load_task(t, cfg.eval_size, cfg.pool_size, cfg.split_seed, cfg.limit) for t in cfg.tasks]
@@ -185,54 +160,50 @@ def _run_eval_locked(cfg: EvalConfig, engine, progress) -> Summary:
     label = cfg.display_label()
     root = Path(cfg.out) / label
     summary = Summary(Path(cfg.out), label)
+    if engine is None:
+        spec = resolve(cfg.model, None if cfg.engine == "auto" else cfg.engine)
+        fp = model_fingerprint(cfg.model, spec.adapter or spec.path)
+    else:
+        fp = model_fingerprint(cfg.model or engine.model)
 
-    jobs = []  # (task, strategy, seed, path, todo items)
+    jobs = []  # (task, strategy, seed, path, manifest, todo items)
     for task in tasks:
         for seed in seeds:
             for strat in strategies:
                 path = root / task.name / f"{strat.name}.seed{seed}.jsonl"
-                _check_resume(path, _meta_path(path), _file_meta(cfg, task, strat, seed, label, None, None),
-                              check_model=False)
-                done = done_ids(path)
+                run = file_manifest(cfg, path, task, strat, seed, label, fp)
+                run.check()
+                done = done_ids(path, failed=is_failed if cfg.retry_failed else None)
                 todo = [it for it in task.items if it.id not in done]
                 summary.skipped += len(task.items) - len(todo)
-                jobs.append((task, strat, seed, path, todo))
-    total = sum(len(j[4]) for j in jobs)
+                jobs.append((task, strat, seed, path, run, todo))
+    total = sum(len(j[5]) for j in jobs)
     if total == 0:
         log.info("everything already answered in %s", root)
     else:
         own_engine = engine is None
         if own_engine:
-            engine, spec = open_engine(cfg.model, cfg.engine, cfg.context_window, dtype=cfg.dtype,
-                                       device=cfg.device, max_concurrency=cfg.max_concurrency,
-                                       timeout=cfg.timeout, max_retries=cfg.max_retries,
-                                       tensor_parallel_size=cfg.tensor_parallel_size)
-            fp = model_fingerprint(cfg.model, spec.adapter or spec.path)
-        else:
-            fp = model_fingerprint(cfg.model or engine.model)
+            engine, spec = cfg.open()
         params = cfg.num_parameters or num_parameters(engine)
         run_meta = {"label": label, "model": cfg.model, "engine": engine.describe(), "num_parameters": params,
                     "model_fingerprint": fp, "config": cfglib.to_dict(cfg)}
         root.mkdir(parents=True, exist_ok=True)
-        _check_run(root / "run.json", run_meta)
         write_json(root / "run.json", run_meta)
         cached = CachedEngine(engine, Path(cfg.out) / "cache" / f"{fp}.jsonl", fp) if cfg.cache else engine
         scorer = _load_scorer(cfg, strategies)
         t0 = time.perf_counter()
         done_count = 0
         try:
-            for task, strat, seed, path, todo in jobs:
-                meta = _file_meta(cfg, task, strat, seed, label, fp, params)
-                meta_path = _meta_path(path)
-                _check_resume(path, meta_path, meta)
+            for task, strat, seed, path, run, todo in jobs:
                 if not todo:
                     continue
-                write_json(meta_path, meta)
+                run.write(num_parameters=params)
                 summary.files += 1
-                with JsonlAppender(path) as out:
+                with JsonlAppender(path, failed=is_failed, retry=cfg.retry_failed) as out:
+                    summary.retried += out.retried
                     for start in range(0, len(todo), cfg.batch_size):
                         chunk = todo[start:start + cfg.batch_size]
-                        records = run_strategy(cached, task, chunk, strat, sampling, seed, scorer)
+                        records = run_strategy(cached, task, chunk, strat, sampling, seed, scorer, style)
                         questions = {it.id: question_text(it) for it in chunk}
                         for rec in records:
                             usage = rec["usage"]
@@ -263,7 +234,9 @@ def _run_eval_locked(cfg: EvalConfig, engine, progress) -> Summary:
             for seed in seeds:
                 path = root / task.name / f"{strat.name}.seed{seed}.jsonl"
                 ids = {it.id for it in task.items}
-                vals += [bool(r.get("correct")) for _, r in read_jsonl(path) if r.get("id") in ids]
+                recs = [r for _, r in read_jsonl(path) if r.get("id") in ids] if path.exists() else []
+                vals += [bool(r.get("correct")) for r in recs]
+                summary.failed += sum(is_failed(r) for r in recs)
             if vals:
                 summary.accuracy[(task.name, strat.name)] = sum(vals) / len(vals)
     if cfg.report:
@@ -281,46 +254,22 @@ def question_text(item) -> str:
     return users[-1] if users else ""
 
 
-def _check_run(path: Path, meta: dict) -> None:
-    if not path.exists():
-        return
-    import json
-
-    try:
-        prev = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return
-    if prev.get("model_fingerprint") and prev["model_fingerprint"] != meta["model_fingerprint"]:
-        log.warning("%s: label %r was run with another model (%s); records of that model are kept apart by the "
-                    "per-file check", path, meta["label"], prev.get("model"))
-
-
 def _meta_path(path: Path) -> Path:
     return path.with_name(path.name.replace(".jsonl", ".meta.json"))
 
 
-def _file_meta(cfg: EvalConfig, task, strat: Strategy, seed: int, label: str, fp, params) -> dict:
-    return {"task": task.describe(), "strategy": strat.to_dict(), "seed": seed, "label": label, "model": cfg.model,
-            "model_fingerprint": fp, "num_parameters": params,
-            "settings": {k: getattr(cfg, k) for k in RECORD_KEYS}}
+def file_manifest(cfg: EvalConfig, path: Path, task, strat: Strategy, seed: int, label: str, fp: str) -> Manifest:
+    """The manifest of one records file: what changes its records (the model's weights, the sampling and
+    prompt settings, the task split, the strategy, the seed)."""
+    settings = {k: v for k, v in cfglib.output_settings(cfg).items() if k != "model"}
+    settings.update(model_fingerprint=fp, seed=seed, task=task.describe()["spec"], strategy=strat.name)
+    return Manifest(_meta_path(path), path, settings, {"task": task.describe(), "strategy": strat.to_dict(),
+                                                        "seed": seed, "label": label, "model": cfg.model,
+                                                        "model_fingerprint": fp})
 
 
-def _check_resume(path: Path, meta_path: Path, meta: dict, check_model: bool = True) -> None:
-    if not path.exists() or not meta_path.exists():
-        return
-    import json
-
-    try:
-        prev = json.loads(meta_path.read_text())
-    except (OSError, ValueError):
-        return
-    changed = [k for k in (("model_fingerprint", "seed") if check_model else ("seed",)) if prev.get(k) != meta[k]]
-    changed += [k for k in RECORD_KEYS if prev.get("settings", {}).get(k) != meta["settings"][k]]
-    if prev.get("task", {}).get("spec") != meta["task"]["spec"]:
-        changed.append("task")
-    if changed:
-        raise AftError(f"{path}: was written with a different {', '.join(changed)}; use another --out or --label, "
-                       f"or delete the file to start over")
+def is_failed(record: dict) -> bool:
+    return "error" in record
 
 
 

@@ -28,9 +28,10 @@ from dataclasses import dataclass, replace
 
 from ..aggregate import PAConfig, propose_and_aggregate
 from ..data.verify import extract_answer
-from ..engines.base import Engine, Request, SamplingParams, derive_seed
+from ..engines.base import Engine, Request, derive_seed
 from ..errors import AftError
 from ..prompts import PromptStyle, proposer_messages
+from ..sampling import Sampling
 from .compute import Usage
 from .tasks import Task, answer_key
 
@@ -117,41 +118,19 @@ def parse_strategy(spec: str) -> Strategy:
     return Strategy(kind)
 
 
-@dataclass(frozen=True)
-class Sampling:
-    """The sampling settings every strategy shares."""
-
-    temperature: float = 0.7
-    top_p: float = 0.95
-    top_k: int = 50
-    max_tokens: int = 256
-    final_layer_temperature: float = 0.0
-    final_layer_top_p: float = 1.0
-    stop: tuple[str, ...] = ()
-    style: PromptStyle = PromptStyle()
-
-    def params(self, n: int) -> SamplingParams:
-        return SamplingParams(n=n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                              max_tokens=self.max_tokens, stop=tuple(self.stop))
-
-    def pa(self, k: int, l: int, seed: int) -> PAConfig:
-        return PAConfig(n=k, num_aggregation=l, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                        max_tokens=self.max_tokens, final_layer_temperature=self.final_layer_temperature,
-                        final_layer_top_p=self.final_layer_top_p, stop=tuple(self.stop), seed=seed, style=self.style)
-
-
 def question_seed(seed: int, qid: str) -> int:
     return derive_seed(seed, qid)  # = P&A's per-query seed
 
 
-def proposal_request(query: list[dict], qid: str, n: int, sampling: Sampling, seed: int) -> Request:
+def proposal_request(query: list[dict], qid: str, n: int, sampling: Sampling, seed: int,
+                     style: PromptStyle = PromptStyle()) -> Request:
     """Exactly the request P&A's proposal layer sends for this question (with width n)."""
-    return Request(proposer_messages(query, sampling.style),
+    return Request(proposer_messages(query, style),
                    replace(sampling.params(n), seed=derive_seed(question_seed(seed, qid), 0)))
 
 
 def run_strategy(engine: Engine, task: Task, items: list, strategy: Strategy, sampling: Sampling, seed: int,
-                 scorer=None) -> list[dict]:
+                 scorer=None, style: PromptStyle = PromptStyle()) -> list[dict]:
     """Answer `items` (aft.data.sources.Item) with `strategy`; one record per item, in order.
 
     A record: id, response, extracted, correct, reference, usage (measured tokens and seconds),
@@ -163,16 +142,15 @@ def run_strategy(engine: Engine, task: Task, items: list, strategy: Strategy, sa
         raise AftError("best_of_n with the verifier needs checkable answers; open-ended questions need "
                        "scorer=reward_model")
     if strategy.kind == "pa":
-        records = _run_pa(engine, items, strategy, sampling, seed)
+        records = _run_pa(engine, items, strategy, sampling, seed, style)
     else:
         if strategy.kind == "greedy":
-            reqs = [Request(proposer_messages(it.query, sampling.style),
-                            SamplingParams(n=1, temperature=0.0, top_p=1.0, top_k=0, max_tokens=sampling.max_tokens,
-                                           stop=tuple(sampling.stop), seed=question_seed(seed, it.id)))
+            reqs = [Request(proposer_messages(it.query, style),
+                            replace(sampling.greedy_params(), seed=question_seed(seed, it.id)))
                     for it in items]
         else:
             n = 1 if strategy.kind == "sample" else strategy.n
-            reqs = [proposal_request(it.query, it.id, n, sampling, seed) for it in items]
+            reqs = [proposal_request(it.query, it.id, n, sampling, seed, style) for it in items]
         meter = _Meter(engine)
         results = meter.generate(reqs)
         records = []
@@ -270,9 +248,10 @@ def best_pick(scores: list[float | None]) -> int:
     return idx
 
 
-def _run_pa(engine: Engine, items, strategy: Strategy, sampling: Sampling, seed: int) -> list[dict]:
+def _run_pa(engine: Engine, items, strategy: Strategy, sampling: Sampling, seed: int, style: PromptStyle) -> list[dict]:
     meter = _Meter(engine)
-    out = propose_and_aggregate(meter, [(it.id, it.query) for it in items], sampling.pa(strategy.k, strategy.l, seed))
+    pa = PAConfig(n=strategy.k, num_aggregation=strategy.l, sampling=sampling, seed=seed, style=style)
+    out = propose_and_aggregate(meter, [(it.id, it.query) for it in items], pa)
     # the seconds of each (query, layer): call i answered, in order, the queries still live at layer i
     seconds = {rec["id"]: 0.0 for rec in out}
     for li, call in enumerate(meter.calls):
