@@ -32,6 +32,7 @@ from pathlib import Path
 from . import config as cfglib
 from .errors import AftError, where
 from .io import make_folder, read_jsonl, read_text, write_json
+from .manifest import Manifest
 from .models import portable_id
 from .prompts import ROLES, validate_messages
 
@@ -50,46 +51,50 @@ CHATML_EOS_TEMPLATE = (
 
 @dataclass
 class TrainConfig:
-    """Our keys. Any other key of the YAML must be a TRL `SFTConfig` field; it is passed through."""
+    """Our keys. Any other key of the YAML must be a TRL `SFTConfig` field; it is passed through.
+    The keys not marked run=True say which model is trained on what: a run resumes only from checkpoints
+    written with the same ones (manifest.py); the others (steps, learning rate, ...) may change on resume."""
 
     model: str = cfglib.opt("smollm2-135m", "base model: embedded short name, model folder, adapter folder or hub id",
                             flags=("-m",))
     data: str | None = cfglib.opt(None, "folder written by `aft data build` (aft.jsonl, sft.jsonl)", flags=("-d",))
     aft_file: str | None = cfglib.opt(None, "AFT rows (default: <data>/aft.jsonl)")
     sft_file: str | None = cfglib.opt(None, "SFT rows (default: <data>/sft.jsonl)")
-    eval_data: str | None = cfglib.opt(None, "held-out folder or JSONL file evaluated every eval_steps (optional)")
+    eval_data: str | None = cfglib.opt(None, "held-out folder or JSONL file evaluated every eval_steps (optional)",
+                                       run=True)
     mode: str = cfglib.opt("aft", "aft: aggregation rows; sft: plain baseline; mix: aft rows + a fraction of sft rows",
                            choices=MODES)
     mix_sft_fraction: float = cfglib.opt(0.5, "mix mode: fraction of the sft rows added to all aft rows", ge=0, le=1)
-    max_rows: int | None = cfglib.opt(None, "use only the first N training rows (after mixing)", ge=1)
+    max_rows: int | None = cfglib.opt(None, "use only the first N training rows (after mixing)", ge=1, run=True)
     output_dir: str = cfglib.opt("runs/train/aft", "where the adapter / model, checkpoints and metrics go",
-                                 flags=("-o",))
+                                 flags=("-o",), run=True)
     use_peft: bool = cfglib.opt(True, "LoRA (true) or full fine-tuning (false)")
     lora_r: int = cfglib.opt(16, "LoRA rank", ge=1)
-    lora_alpha: int = cfglib.opt(32, "LoRA alpha", ge=1)
-    lora_dropout: float = cfglib.opt(0.05, "LoRA dropout", ge=0, lt=1)
+    lora_alpha: int = cfglib.opt(32, "LoRA alpha", ge=1, run=True)
+    lora_dropout: float = cfglib.opt(0.05, "LoRA dropout", ge=0, lt=1, run=True)
     lora_target_modules: list = cfglib.opt(["all-linear"], "LoRA target modules (all-linear = every linear "
                                            "layer but the output head)")
-    load_in_4bit: bool = cfglib.opt(False, "QLoRA: load the base in 4 bit (needs bitsandbytes and a GPU)")
-    merge: bool = cfglib.opt(False, "also write <output_dir>/merged: base + adapter merged into one model")
+    load_in_4bit: bool = cfglib.opt(False, "QLoRA: load the base in 4 bit (needs bitsandbytes and a GPU)", run=True)
+    merge: bool = cfglib.opt(False, "also write <output_dir>/merged: base + adapter merged into one model", run=True)
     chat_template: str | None = cfglib.opt(None, "for models without one: chatml (default) or a .jinja file; "
-                                           "ignored when the tokenizer has a template")
-    dtype: str = cfglib.opt("auto", "weights dtype: auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16")
-    resume: bool = cfglib.opt(True, "continue from the last checkpoint in output_dir if there is one")
+                                           "ignored when the tokenizer has a template", run=True)
+    dtype: str = cfglib.opt("auto", "weights dtype: auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16",
+                            run=True)
+    resume: bool = cfglib.opt(True, "continue from the last checkpoint in output_dir if there is one", run=True)
     # The SFTConfig fields most runs touch, as flags; any other SFTConfig field works from the YAML.
-    learning_rate: float = cfglib.opt(2e-4, "peak learning rate", gt=0)
-    num_train_epochs: float = cfglib.opt(1.0, "epochs", gt=0)
-    max_steps: int = cfglib.opt(-1, "stop after this many optimizer steps (-1: use num_train_epochs)", ge=-1)
-    per_device_train_batch_size: int = cfglib.opt(4, "rows per device per micro-batch", ge=1)
-    gradient_accumulation_steps: int = cfglib.opt(1, "micro-batches per optimizer step", ge=1)
-    max_length: int = cfglib.opt(1024, "longest tokenized row; longer rows are dropped (and counted)", ge=1)
-    logging_steps: int = cfglib.opt(5, "log the loss every N steps", ge=1)
-    save_steps: int = cfglib.opt(50, "checkpoint every N steps (for resuming)", ge=1)
-    bf16: bool | None = cfglib.opt(None, "bf16 autocast (default: on for GPUs that support it, off on CPU)")
-    gradient_checkpointing: bool = cfglib.opt(False, "trade compute for memory (big models on GPU)")
-    report_to: list = cfglib.opt(["none"], "tensorboard, trackio, wandb or none")
-    seed: int = cfglib.opt(42, "seed (row mixing, LoRA init, data order)")
-    sft_args: dict = cfglib.opt({}, "other SFTConfig fields (from the YAML's top level)", cli=False)
+    learning_rate: float = cfglib.opt(2e-4, "peak learning rate", gt=0, run=True)
+    num_train_epochs: float = cfglib.opt(1.0, "epochs", gt=0, run=True)
+    max_steps: int = cfglib.opt(-1, "stop after this many optimizer steps (-1: use num_train_epochs)", ge=-1, run=True)
+    per_device_train_batch_size: int = cfglib.opt(4, "rows per device per micro-batch", ge=1, run=True)
+    gradient_accumulation_steps: int = cfglib.opt(1, "micro-batches per optimizer step", ge=1, run=True)
+    max_length: int = cfglib.opt(1024, "longest tokenized row; longer rows are dropped (and counted)", ge=1, run=True)
+    logging_steps: int = cfglib.opt(5, "log the loss every N steps", ge=1, run=True)
+    save_steps: int = cfglib.opt(50, "checkpoint every N steps (for resuming)", ge=1, run=True)
+    bf16: bool | None = cfglib.opt(None, "bf16 autocast (default: on for GPUs that support it, off on CPU)", run=True)
+    gradient_checkpointing: bool = cfglib.opt(False, "trade compute for memory (big models on GPU)", run=True)
+    report_to: list = cfglib.opt(["none"], "tensorboard, trackio, wandb or none", run=True)
+    seed: int = cfglib.opt(42, "seed (row mixing, LoRA init, data order)", run=True)
+    sft_args: dict = cfglib.opt({}, "other SFTConfig fields (from the YAML's top level)", cli=False, run=True)
 
     def check(self) -> None:
         if self.max_steps == 0:
@@ -499,8 +504,9 @@ def run_train(cfg: TrainConfig) -> TrainResult:
         merged = out / "merged"
         return TrainResult(out, done, merged if merged.is_dir() else None, finished_before=True)
     resume_from = last_checkpoint(out) if cfg.resume else None
+    run = Manifest(out / "aft_run.json", out, cfglib.output_settings(cfg), {"config": config_dict(cfg)})
     if resume_from:
-        _check_same_run(out, cfg)
+        run.check(records=[Path(resume_from) / "trainer_state.json"])
         log.info("resuming from %s", resume_from)
 
     # 4-5
@@ -526,6 +532,8 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     import yaml
 
     (out / "config.yaml").write_text(yaml.safe_dump(config_dict(cfg), sort_keys=False))
+    if int(os.environ.get("RANK", "0")) == 0:  # one writer when several processes train
+        run.write()
     trainer = build_trainer(cfg, lm, tok, enc, enc_eval, base, args)
     write_json(out / "sft_config.json", json.loads(trainer.args.to_json_string()))
     if torch.cuda.is_available():
@@ -552,21 +560,6 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     write_json(out / "metrics.json", metrics)
     plot_loss(trainer.state.log_history, out / "loss.png", title=f"{cfg.mode} {'LoRA' if cfg.use_peft else 'full'}")
     return TrainResult(out, metrics, merged_dir, trainer)
-
-
-def _check_same_run(out: Path, cfg: TrainConfig) -> None:
-    saved = out / "config.yaml"
-    if not saved.exists():
-        return
-    import yaml
-
-    old = yaml.safe_load(saved.read_text()) or {}
-    new = config_dict(cfg)
-    diff = [k for k in ("model", "data", "aft_file", "sft_file", "mode", "mix_sft_fraction", "use_peft", "lora_r",
-                        "lora_target_modules") if old.get(k) != new.get(k)]
-    if diff:
-        raise AftError(f"{out} holds checkpoints of a run with a different {', '.join(diff)}; "
-                       "use another --output_dir or --no-resume")
 
 
 def merge(adapter_dir: Path, merged_dir: Path, dtype: str = "auto") -> Path:
