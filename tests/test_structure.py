@@ -6,16 +6,17 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import FIXTURES, write_jsonl
 
 from aft import cli
 from aft.aggregate import plan
 from aft.data.build import DataConfig
 from aft.data.build import load_config as load_data_config
 from aft.engines.args import EngineArgs
+from aft.engines.base import Completion, Engine, Result
 from aft.evaluate.run import load_config as load_eval_config
 from aft.infer import load_config as load_infer_config
 from aft.sampling import PRESETS, Sampling
-from conftest import FIXTURES, write_jsonl
 
 QUESTIONS = [{"id": "a", "prompt": "What is 3 + 4?"}, {"id": "b", "prompt": "Name a colour."}]
 
@@ -206,3 +207,48 @@ def test_failed_queries_exit_1_and_are_retried_on_rerun(tmp_path, capsys, tiny_m
     # a setting that changes the answers is refused on this output, naming it
     code, _, err = run_cli(capsys, *common[:-2], "--max_tokens", "5")
     assert "different max_tokens (4 -> 5)" in one_line_error(code, err, "infer")
+
+
+class WindowedEcho(Engine):
+    """A deterministic engine with a context window counted in words: every sample answers 'Answer: 1'."""
+
+    name = model = "echo"
+
+    def __init__(self, window: int | None):
+        self.context_window = window
+
+    def count_tokens(self, messages):
+        return sum(len(m["content"].split()) for m in messages)
+
+    def generate(self, requests):
+        return [Result([Completion("Answer: 1", 2, "stop") for _ in range(r.params.n)], prompt_tokens=1)
+                for r in requests]
+
+
+def test_data_build_retries_failed_prompts(tmp_path):
+    from aft.data.build import Resources, run_build
+
+    kw = dict(out=str(tmp_path / "d"), task="arith1", n_prompts=3, eval_size=10, proposals="on_policy", k=2, m=2,
+              target="best", scorer="verifier")
+    s = run_build(DataConfig(**kw), Resources(proposer=WindowedEcho(3)))
+    assert (s.rows, s.failed) == (0, 3)
+    skipped = [json.loads(line) for line in (tmp_path / "d" / "skipped.jsonl").read_text().splitlines()]
+    assert all(r["failed"] and "context window" in r["reason"] for r in skipped)
+    kept = run_build(DataConfig(**kw, retry_failed=False), Resources(proposer=WindowedEcho(None)))
+    assert (kept.rows, kept.failed, kept.resumed) == (0, 3, 3)  # reported, not retried
+    again = run_build(DataConfig(**kw), Resources(proposer=WindowedEcho(None)))
+    assert (again.rows, again.failed, again.retried) == (3, 0, 3)
+    assert (tmp_path / "d" / "skipped.jsonl").read_text() == ""
+
+
+def test_eval_run_retries_failed_questions(tmp_path):
+    from aft.evaluate.run import EvalConfig, run_eval
+
+    cfg = EvalConfig(out=str(tmp_path / "e"), model="echo", tasks=["rg:arith1"], strategies=["pa:k=2,l=1"], limit=2,
+                     eval_size=10, cache=False, report=False)
+    first = run_eval(cfg, engine=WindowedEcho(3))
+    assert (first.answered, first.failed) == (2, 2)
+    second = run_eval(cfg, engine=WindowedEcho(None))
+    assert (second.answered, second.failed, second.retried) == (2, 0, 2)
+    records = (tmp_path / "e" / "echo" / "arith1" / "pa-k2-l1.seed0.jsonl").read_text().splitlines()
+    assert len(records) == 2 and not any("error" in json.loads(r) for r in records)

@@ -105,7 +105,9 @@ def build(cls, values: dict, source: str = "config"):
 
 
 def _build(cls, values: dict):
-    """`values`: key -> (value, where it came from: a config file or "command line")."""
+    """`values`: key -> (value, where it came from: a config file or "command line"). A config class may
+    define `expand_values(values)` (fill keys from a preset, see sampling.py) and `check()` (how keys go
+    together); bounds and choices are the fields' own (opt)."""
     hints = typing.get_type_hints(cls)
     names = {f.name: f for f in dataclasses.fields(cls)}
     expand = getattr(cls, "expand_values", None)

@@ -10,13 +10,10 @@ gets only the options it reads (the `engines` of each field).
 from __future__ import annotations
 
 import dataclasses
-import logging
 import types
 from dataclasses import dataclass
 
 from ..config import opt
-
-log = logging.getLogger(__name__)
 
 GROUP = "engine options"
 KINDS = ("hf", "openai", "vllm")
@@ -76,7 +73,3 @@ class EngineArgs:
         if self.context_window:
             eng.context_window = self.context_window
         return eng, spec
-
-
-def engine_fields(cls=EngineArgs) -> list[str]:
-    return [f.name for f in dataclasses.fields(cls)]
