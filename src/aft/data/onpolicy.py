@@ -100,7 +100,5 @@ def load_model_engine(args, model: str, engine: str = "auto", seed: int | None =
     from ..loading import load_pretrained
 
     lm, tok = load_pretrained(spec.path, adapter=spec.adapter, dtype=args.dtype, device=args.device)
-    eng = base_engine(lm, tok, display_name=spec.name or spec.path, max_batch_rows=args.max_batch_rows)
-    if args.context_window:
-        eng.context_window = args.context_window
-    return eng
+    return args.configure(base_engine(lm, tok, display_name=spec.name or spec.path,
+                                      max_batch_rows=args.max_batch_rows))

@@ -69,7 +69,10 @@ class EngineArgs:
         opts = self.options(spec.kind)
         if spec.kind == "vllm" and seed is not None:
             opts["seed"] = seed
-        eng = load_engine(spec, **opts)
+        return self.configure(load_engine(spec, **opts)), spec
+
+    def configure(self, engine):
+        """Apply the options that act on any opened engine (the context window override)."""
         if self.context_window:
-            eng.context_window = self.context_window
-        return eng, spec
+            engine.context_window = self.context_window
+        return engine
