@@ -47,7 +47,7 @@ def test_embedded_model_end_to_end_and_resume(tmp_path, embedded_dir):
     assert rows(out) == got
     # a different generation config on the same output is refused, the file kept
     r3 = aft("infer", "--input_file", inp, "--output_file", out, "-k", 3, cwd=tmp_path)
-    assert r3.returncode == 2 and "different n" in r3.stderr and "Traceback" not in r3.stderr
+    assert r3.returncode == 2 and "n (2 -> 3)" in r3.stderr and "Traceback" not in r3.stderr
     assert rows(out) == got
 
 
