@@ -23,6 +23,7 @@ import pytest
 from aft.cli import main
 from aft.io import read_jsonl
 from aft.engines.base import Completion, Engine, Result
+from aft.infer import load_config, manifest
 from aft.serve import start_server
 
 from conftest import FIXTURES, write_jsonl
@@ -247,7 +248,9 @@ def test_eval_run_cuts_a_torn_last_record_and_resumes(tmp_path, capsys, echo_url
 def test_server_that_never_answers_times_out_and_says_what_it_waits_for(tmp_path, capsys, caplog, silent_url):
     inp = write_jsonl(tmp_path / "q.jsonl", QUESTIONS)
     out = tmp_path / "o.jsonl"
-    out.write_text(json.dumps({"id": "q0", "response": "kept"}) + "\n")
+    out.write_text(json.dumps({"id": "q0", "response": "kept"}) + "\n")  # an earlier run of the same settings
+    manifest(load_config(None, {"input_file": str(inp), "output_file": str(out), "model": silent_url + "#m",
+                                "n": 1, "num_aggregation": 1}), out).write()
     rc = main(["infer", "-i", str(inp), "-o", str(out), "-m", silent_url + "#m", "-k", "1", "-l", "1",
                "--timeout", "1.5", "--max_retries", "0"])
     assert rc == 2
