@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from .. import config as cfglib
+from ..errors import AftError
 from ..evaluate.export import ExportConfig
 from ..evaluate.judge import JudgeConfig
 from ..evaluate.run import EvalConfig
