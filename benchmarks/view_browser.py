@@ -1,11 +1,12 @@
 """`aft view` in a real browser: headless Chromium opens the page, draws it with no script or console
 error, within the time limit, and takes a screenshot.
 
-    python benchmarks/view_browser.py RUN.jsonl [more] [--queries 1000] [--limit-ms 2000]
+    python benchmarks/view_browser.py RUN.jsonl [more] [--queries 1000] [--limit-ms 2000] [--stretch 8]
                                       [--screenshot docs/view.png] [--keep report.html] [--show FILTERS]
 
 The records of the given files (`aft infer` outputs or `aft eval run` records) are repeated
-until there are --queries of them (0 = as they are), written next to copies of their
+until there are --queries of them (0 = as they are), every generated text repeated
+--stretch times (a stress test: long, looping outputs), written next to copies of their
 .meta.json / .config.json files, and turned into a page by `aft view` (timed: reading,
 copied spans, correctness, HTML). Chromium (Debian's package: `apt-get install chromium`)
 then loads the page from disk, once with --dump-dom and once with --screenshot, each time
@@ -53,12 +54,24 @@ def browse(page: Path, extra: list[str], tmp: Path, fragment: str = "") -> tuple
     return r, time.perf_counter() - t0
 
 
-def repeat(files: list[Path], n: int, tmp: Path) -> list[Path]:
+def stretched(line: str, times: int) -> str:
+    """A record whose every generated text is repeated `times` times: the long, looping outputs of a
+    degenerate model."""
+    rec = json.loads(line)
+    for o in [o for layer in rec.get("trace") or [] for o in layer["outputs"]] + (rec.get("candidates") or []):
+        o["text"] = " ".join([o["text"]] * times)
+    return json.dumps(rec, ensure_ascii=False)
+
+
+def repeat(files: list[Path], n: int, tmp: Path, stretch: int = 1) -> list[Path]:
     """Copies of `files` (with their side files) whose records are repeated to `n` in all."""
     lines = [[ln for ln in f.read_text(encoding="utf-8").splitlines() if ln.strip()] for f in files]
+    if stretch > 1:
+        lines = [[stretched(ln, stretch) for ln in ls] for ls in lines]
     total = sum(map(len, lines))
-    if not n or not total:
+    if (not n and stretch <= 1) or not total:
         return files
+    n = n or total
     out = []
     for i, (f, ls) in enumerate(zip(files, lines)):
         want = round(n * len(ls) / total) if i < len(files) - 1 else n - sum(round(n * len(x) / total)
@@ -82,13 +95,14 @@ def main() -> int:
     ap.add_argument("--screenshot", type=Path, default=Path("runs/view/view.png"))
     ap.add_argument("--size", default="1400,1100", help="window size for the screenshot")
     ap.add_argument("--keep", type=Path, help="also keep the page here")
+    ap.add_argument("--stretch", type=int, default=1, help="repeat every generated text this many times")
     ap.add_argument("--show", default="", help="filters for the screenshot, as in the page's address: "
                     "'group=<label> / <task> / <strategy>&filter=<flag>&search=<text>'")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as t:
         tmp = Path(t)
-        files = repeat(args.files, args.queries, tmp)
+        files = repeat(args.files, args.queries, tmp, args.stretch)
         page = tmp / "report.html"
         t0 = time.perf_counter()
         _, n = write_view(files, page)
