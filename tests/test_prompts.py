@@ -46,7 +46,7 @@ def test_template_file_and_errors(tmp_path):
     assert msgs[0]["content"] == "Combine these:\n1. x"
     with pytest.raises(AftError, match="unknown prompt style"):
         PromptStyle.get("fancy")
-    with pytest.raises(AftError, match="cannot read"):
+    with pytest.raises(AftError, match="missing.txt: no such aggregator template file"):
         PromptStyle.get(template_file=tmp_path / "missing.txt")
 
 
