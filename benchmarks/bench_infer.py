@@ -212,7 +212,7 @@ def main(argv=None) -> int:
         path = str(embedded_model_dir())
     dtype = {"bf16": "bfloat16", "fp32": "float32"}.get(args.dtype, args.dtype)
     engine = HFEngine.load(path, dtype=dtype, device="cpu")
-    params = sum(p.numel() for p in engine.lm.parameters())
+    params = engine.num_parameters()
     qs = queries()
     prop_msgs = [proposer_messages(q) for q in qs]  # system "\n" + the user question
     base = Baseline(engine, path)

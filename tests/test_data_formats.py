@@ -142,7 +142,7 @@ def test_golden_training_prompt_equals_inference_prompt(tmp_path, style, referen
                    scorer="none", style=style, no_proposals=True)
     row = rows(out / "aft.jsonl")[0]
     pa = PAConfig(n=3, style=PromptStyle.get(style))
-    sent, _ = layer_messages(Layer(1, "final", SamplingParams()), ex["query"], ex["proposals"], pa)
+    sent, _, _ = layer_messages(Layer(1, "final", SamplingParams()), ex["query"], ex["proposals"], pa)
     line = (out / "aft.jsonl").read_text().splitlines()[0]
     assert json.loads(line)["prompt"] == sent
     assert json.dumps(row["prompt"], ensure_ascii=False) == json.dumps(sent, ensure_ascii=False)

@@ -11,8 +11,8 @@ import torch
 
 from aft.data.build import DataConfig, Resources, run_build
 from aft.data.onpolicy import base_engine, demonstration_prompt, load_demonstrations
-from aft.data.scorers import JudgeScorer, RewardModelScorer, VerifierScorer, parse_rating
-from aft.engines.base import Request, SamplingParams, derive_seed
+from aft.data.scorers import JudgeScorer, RewardModelScorer, Scorer, VerifierScorer, parse_rating
+from aft.engines.base import Completion, Engine, Request, Result, SamplingParams, derive_seed
 from aft.io import read_jsonl
 from aft.prompts import aggregator_messages, proposer_messages
 
@@ -66,7 +66,7 @@ def test_on_policy_base_model_gets_demonstrations_prompt(tmp_path, tokenizer):
     tok = copy.deepcopy(tokenizer)
     tok.chat_template = None  # a base model
     eng = base_engine(tiny_llama(tok, seed=1), tok, display_name="tiny-base")
-    assert eng.raw_prompt
+    assert not eng.has_chat_template
     demos = load_demonstrations()
     query = [{"role": "user", "content": "Calculate 2 + 2."}]
     text = demonstration_prompt(query, demos)
@@ -157,6 +157,40 @@ def test_judge_scorer_through_an_engine(tmp_path, tiny_engine):
                              scorer="judge", judge_model="tiny", judge_max_tokens=6), Resources(scorer=judge))
     got = rows(tmp_path / "o" / "aft.jsonl")
     assert s.rows == 1 and got[0]["meta"]["scorer"] == "judge" and got[0]["meta"]["proposals"] == ["r0", "r3"]
+
+
+class RaisesOn(Scorer):
+    """A scorer that raises on one prompt (as a reward model on an input it cannot take)."""
+
+    name = "fragile"
+
+    def score(self, items, texts):
+        if any("12 + 30" in it.query[-1]["content"] for it in items):
+            raise ValueError("cannot score this one")
+        return [[float(len(t)) for t in ts] for ts in texts]
+
+
+class RejectsColor(Engine):
+    """A deterministic teacher that rejects the aggregator prompt about colors (as a server's 400)."""
+
+    model = "teacher"
+
+    def generate(self, requests):
+        return [Result.failed("rejected (400): no colors") if "color" in str(r.messages) else
+                Result([Completion("An aggregation.", 3, "stop")], prompt_tokens=9) for r in requests]
+
+
+def test_a_scorer_or_teacher_failure_fails_only_its_prompt(tmp_path):
+    cfg = DataConfig(out=str(tmp_path / "o"), input_file=str(UF), k=2, target="teacher", teacher="t",
+                     scorer="judge", judge_model="j")
+    s = run_build(cfg, Resources(teacher=RejectsColor(), scorer=RaisesOn()))
+    got = rows(tmp_path / "o" / "aft.jsonl")
+    skipped = {r["id"]: r["reason"] for r in rows(tmp_path / "o" / "skipped.jsonl")}
+    assert s.rows == 1 and s.skipped == 2 and "emails" in got[0]["prompt"][-1]["content"]
+    assert got[0]["meta"]["target"]["score"] == len("An aggregation.")
+    reasons = sorted(skipped.values())
+    assert reasons == ["scorer fragile failed: ValueError: cannot score this one",
+                       "teacher failed: rejected (400): no colors"]
 
 
 def test_verifier_scorer_uses_reasoning_gym_entry():

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from aft.data.scorers import Scorer
 from aft.data.verify import extract_answer, is_correct
+from aft.engines.base import Completion, Engine, Result
 from aft.errors import AftError
 from aft.evaluate.cache import CachedEngine
-from aft.evaluate.compute import num_parameters
 from aft.evaluate.stats import bootstrap_ci, paired_difference
 from aft.evaluate.strategies import best_pick, majority_pick, parse_strategy, run_strategy
 from aft.evaluate.tasks import Task, answer_key, gsm8k_answer, load_gsm8k, load_task
@@ -180,7 +181,7 @@ def test_every_strategy_runs_and_accounts_the_engines_tokens(fake_engine, spec):
 
 
 def test_flops_count_the_local_models_parameters(tiny_engine):
-    params = num_parameters(tiny_engine)
+    params = tiny_engine.num_parameters()
     assert params == sum(p.numel() for p in tiny_engine.lm.parameters())
     task = Task("gsm", "gsm8k", f"gsm8k:{GSM}", load_gsm8k(GSM)[:1])
     d = run_strategy(tiny_engine, task, task.items, parse_strategy("greedy"), EVAL_SAMPLING.replace(max_tokens=2),
@@ -188,7 +189,7 @@ def test_flops_count_the_local_models_parameters(tiny_engine):
     assert d["prompt_tokens"] > 0 and d["completion_tokens"] > 0
     assert d["prefill_flops"] == 2 * params * d["prompt_tokens"] and d["decode_flops"] == 2 * params * d[
         "completion_tokens"]
-    assert num_parameters(FakeEngine()) is None
+    assert FakeEngine().num_parameters() is None
 
 
 def test_cache_shares_samples_between_strategies(fake_engine, tmp_path):
@@ -251,6 +252,48 @@ def test_run_then_rebuild_report_from_cache_without_an_engine(fake_engine, tmp_p
         run_eval(load_config(None, {**flags, "max_tokens": 5}), engine=fake_engine)
     with pytest.raises(AftError, match="different max_tokens"):  # also when nothing is left to answer
         run_eval(load_config(None, {**flags, "max_tokens": 5, "limit": 1}), engine=fake_engine)
+
+
+class RejectsPencils(Engine):
+    """Deterministic: rejects every prompt about pencils (as a server's 400), answers the others."""
+
+    model = "fake"
+
+    def generate(self, requests):
+        return [Result.failed("rejected (400): pencils") if "pencils" in str(r.messages) else
+                Result([Completion(f"Answer: {j}", 2, "stop") for j in range(r.params.n)], prompt_tokens=5)
+                for r in requests]
+
+
+class RaisesOnNotebooks(Scorer):
+    name = "fragile"
+
+    def score(self, items, texts):
+        if any("notebooks" in it.query[-1]["content"] for it in items):
+            raise RuntimeError("cannot score")
+        return [[float(j) for j in range(len(ts))] for ts in texts]
+
+
+def test_a_failed_request_or_scorer_fails_only_its_question(tmp_path):
+    from aft.evaluate.run import load_config, run_eval
+
+    task = Task("gsm", "gsm8k", f"gsm8k:{GSM}", load_gsm8k(GSM)[:3])
+    recs = run_strategy(RejectsPencils(), task, task.items, parse_strategy("best_of_n:n=2,scorer=reward_model"),
+                        Sampling(), seed=0, scorer=RaisesOnNotebooks())
+    assert recs[0]["error"] == "rejected (400): pencils" and recs[0]["usage"].generations == 0
+    assert recs[1]["error"] == "scorer fragile failed: RuntimeError: cannot score"
+    assert [r["response"] for r in recs[:2]] == [None, None] and [r["correct"] for r in recs[:2]] == [False, False]
+    assert "error" not in recs[2] and recs[2]["picked"] == 1 and recs[2]["response"] == "Answer: 1"
+    # through `aft eval run`: the records say which question failed and why, the rest is answered
+    flags = {"out": str(tmp_path / "ev"), "model": "fake", "tasks": [f"gsm8k:{GSM}"], "limit": 3,
+             "strategies": ["greedy", "pa:k=2,l=1"], "n_boot": 50}
+    s = run_eval(load_config(None, flags), engine=RejectsPencils())
+    assert s.answered == 6
+    for name in ("greedy", "pa-k2-l1"):
+        got = [json.loads(line) for line in (tmp_path / "ev" / "fake" / "gsm8k-gsm8k_sample" / f"{name}.seed0.jsonl")
+               .open()]
+        assert ["error" in r for r in got] == [True, False, False] and "(400): pencils" in got[0]["error"]
+        assert got[1]["response"] == "Answer: 0" and got[0]["correct"] is False
 
 
 def test_config_errors(tmp_path):

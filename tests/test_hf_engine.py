@@ -189,6 +189,18 @@ def test_eos_ends_a_sample_with_stop(engine):
     assert [(c.tokens, c.finish_reason) for r in res for c in r.completions] == [(2, "stop")] * 4
 
 
+def test_a_prompt_that_does_not_fit_fails_alone(engine):
+    """A prompt longer than the context window (1024) gets Result.error; the rest of the batch is answered,
+    exactly as without it."""
+    long = msgs("word " * 1100)
+    sp = SamplingParams(n=2, temperature=0.0, max_tokens=4)
+    got = engine.generate([Request(msgs(QUESTIONS[0]), sp), Request(long, sp), Request(msgs(QUESTIONS[1]), sp)])
+    assert got[1].error and "context window (1024)" in got[1].error and got[1].completions == []
+    assert got[1].prompt_tokens == engine.count_tokens(long) > 1024
+    assert got[0].error is None and got[2].error is None
+    assert texts([got[0], got[2]]) == texts(engine.generate([Request(msgs(q), sp) for q in QUESTIONS[:2]]))
+
+
 def test_top_k_1_equals_greedy(engine):
     greedy = texts(engine.generate([Request(msgs(q), SamplingParams(temperature=0, max_tokens=12)) for q in QUESTIONS]))
     top1 = texts(engine.generate([Request(msgs(q), SamplingParams(n=2, temperature=0.7, top_k=1, max_tokens=12, seed=9))

@@ -24,6 +24,7 @@ from aft.engines.hf import HFEngine
 from aft.engines.openai import OpenAIEngine, split_total
 from aft.errors import AftError
 from aft.models import ModelSpec
+from aft.prompts import PromptStyle
 from aft.serve import start_server
 
 MODEL = "tiny-llama"
@@ -168,10 +169,42 @@ def test_unknown_model_is_a_clear_error(server):
     assert url in msg and "no-such-model" in msg and "404" in msg and MODEL in msg and "\n" not in msg
 
 
-def test_bad_request_is_a_clear_error(server):
-    eng = client(server[1], model=MODEL)
-    with pytest.raises(AftError, match="top_p"):
-        eng.generate([Request(msgs(), SamplingParams(top_p=0.0, max_tokens=2))])
+def test_a_rejected_request_fails_alone(engine, server, server_ignoring_n):
+    """The server answers 400 for one prompt (longer than its model's 512-token context) and for one bad
+    parameter: those Results carry the server's reason; the rest of the batch is answered, as without them."""
+    url = server[1]
+    p = SamplingParams(n=2, temperature=0.0, max_tokens=4)
+    long = msgs("word " * 600)
+    ok, bad, bad_param = client(url, model=MODEL).generate(
+        [Request(msgs(), p), Request(long, p), Request(msgs(), SamplingParams(top_p=0.0, max_tokens=2))])
+    assert bad.completions == [] and url in bad.error and "(400)" in bad.error and "context window (512)" in bad.error
+    assert bad_param.completions == [] and "top_p" in bad_param.error
+    expected = [c.text for c in engine.generate([Request(msgs(), p)])[0].completions]
+    assert ok.error is None and [c.text for c in ok.completions] == expected
+    # a server that ignores n: each sample is its own call, and every one of the long prompt's is rejected
+    eng = client(server_ignoring_n[1], model=MODEL)
+    eng.honours_n = False
+    bad, ok = eng.generate([Request(long, p), Request(msgs(), p)])
+    assert bad.completions == [] and "context window" in bad.error and len(ok.completions) == 2
+
+
+def test_infer_goes_on_when_the_server_rejects_one_query(server, tmp_path):
+    """`aft infer` against that server: the query it rejects is recorded as failed, with the reason."""
+    from aft.infer import InferConfig, run_infer
+
+    inp = tmp_path / "q.jsonl"
+    inp.write_text("".join(json.dumps({"id": i, "prompt": q}) + "\n"
+                           for i, q in enumerate(["Hi", "word " * 600, "What is 2 + 2?"])))
+    out = tmp_path / "out.jsonl"
+    summary = run_infer(InferConfig(model=f"{server[1]}#{MODEL}", input_file=str(inp), output_file=str(out), n=2,
+                                    num_aggregation=1, max_tokens=4))
+    got = [json.loads(line) for line in out.read_text().splitlines()]
+    assert summary.done == 3 and summary.errors == 1
+    assert "response" not in got[1] and got[1]["error"].startswith("layer 0: ") and "(400)" in got[1]["error"]
+    assert got[1]["trace"] == []
+    assert all("error" not in got[i] and [t["role"] for t in got[i]["trace"]] == ["propose", "final"] for i in (0, 2))
+    meta = json.loads((tmp_path / "out.jsonl.config.json").read_text())
+    assert PromptStyle(**meta["prompt_style"]) == PromptStyle.get("aft")  # what replay_messages needs
 
 
 def closed_port() -> int:
@@ -323,8 +356,8 @@ def test_llama_cpp_refusing_n_falls_back_to_single_samples(fake):
 
 def test_a_bad_request_with_n_is_not_taken_for_a_refusal_of_n(server):
     eng = client(server[1], model=MODEL)
-    with pytest.raises(AftError, match="top_p"):
-        eng.generate([Request(msgs(), SamplingParams(n=2, top_p=0.0, max_tokens=2))])
+    [res] = eng.generate([Request(msgs(), SamplingParams(n=2, top_p=0.0, max_tokens=2))])
+    assert res.completions == [] and "top_p" in res.error  # the request fails alone
     assert eng.honours_n is None  # the 400 named top_p, not n
 
 

@@ -98,9 +98,9 @@ def dry_run(cfg: InferConfig, limit: int = 2) -> list[dict]:
         layers = []
         previous = None
         for layer in plan(pa):
-            messages, info = layer_messages(layer, item.query, previous, pa)
+            messages, order, _ = layer_messages(layer, item.query, previous, pa)
             layers.append({"layer": layer.index, "role": layer.role, "params": layer.params.to_dict(),
-                           "messages": messages, **info})
+                           "messages": messages, **({"order": order} if order is not None else {})})
             previous = [f"<output {j + 1} of layer {layer.index}>" for j in range(layer.params.n)]
         shown.append({"id": item.id, "layers": layers})
     return shown
@@ -143,7 +143,8 @@ def _run_locked(cfg: InferConfig, pa: PAConfig, items: list, out_path: Path, run
             log.info("all %d queries already done in %s", len(items), out_path)
             return summary
         engine, _ = cfg.open(seed=cfg.seed)
-        run.write(engine=engine.describe(), layers=[dataclasses.asdict(layer) for layer in plan(pa)])
+        run.write(engine=engine.describe(), layers=[dataclasses.asdict(layer) for layer in plan(pa)],
+                  prompt_style=dataclasses.asdict(pa.style))  # rebuilds the prompts exactly
         t0 = time.perf_counter()
         last_layer = plan(pa)[-1].index
 
@@ -157,10 +158,10 @@ def _run_locked(cfg: InferConfig, pa: PAConfig, items: list, out_path: Path, run
                 chunk = todo[start:start + cfg.batch_size]
                 records = propose_and_aggregate(engine, [(it.id, it.query) for it in chunk], pa, on_layer)
                 for it, rec in zip(chunk, records):
-                    row = {**it.record, **rec}
+                    row = {**it.record, **rec.to_dict()}
                     out.write(row)
                     summary.results.append(row)
-                    summary.errors += is_failed(rec)
+                    summary.errors += rec.error is not None
                 summary.done += len(chunk)
                 summary.seconds = time.perf_counter() - t0
                 if progress:

@@ -116,12 +116,33 @@ def shuffled(proposals: list[str], seed: int) -> tuple[list[str], list[int]]:
     return [proposals[i] for i in order], order
 
 
+@dataclass(frozen=True)
+class Cut:
+    """One proposal shortened to fit: its position in the prompt, its length before and after (in
+    characters, TRUNCATION_MARK not counted). The text sent is `text[:to_chars] + TRUNCATION_MARK`."""
+
+    index: int
+    from_chars: int
+    to_chars: int
+
+    def to_dict(self) -> dict:
+        return {"index": self.index, "from_chars": self.from_chars, "to_chars": self.to_chars}
+
+
+def apply_cuts(proposals: list[str], cuts: list[Cut]) -> list[str]:
+    """The proposals as `fit_proposals` sent them, from the originals and its cuts."""
+    out = list(proposals)
+    for c in cuts:
+        out[c.index] = out[c.index][:c.to_chars] + TRUNCATION_MARK
+    return out
+
+
 @dataclass
 class Fit:
     """The result of fitting proposals into a context budget."""
 
     proposals: list[str]
-    truncated: list[dict] = field(default_factory=list)  # {"index", "from_chars", "to_chars"}
+    truncated: list[Cut] = field(default_factory=list)
     prompt_tokens: int = 0
 
 
@@ -167,7 +188,7 @@ def fit_proposals(
                        f"max_tokens): {n} with every proposal cut")
     props = _marked(props, original)
     truncated = [
-        {"index": i, "from_chars": original[i], "to_chars": len(p) - len(TRUNCATION_MARK)}
+        Cut(i, original[i], len(p) - len(TRUNCATION_MARK))
         for i, p in enumerate(props)
         if len(p) - len(TRUNCATION_MARK) < original[i] and p.endswith(TRUNCATION_MARK)
     ]

@@ -183,11 +183,13 @@ class ChatServer(ThreadingHTTPServer):
         try:
             with self.engine_lock:
                 result = self.engine.generate([request])[0]
-        except AftError as e:  # the user's to fix (e.g. a prompt longer than the context window)
+        except AftError as e:  # the user's to fix
             raise _bad(str(e)) from e
         finally:
             with self._stats_lock:
                 self.stats["in_flight"] -= 1
+        if result.error is not None:  # e.g. a prompt longer than the context window
+            raise _bad(result.error)
         return chat_response(result, self.model_name)
 
     def models(self) -> dict:

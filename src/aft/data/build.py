@@ -42,7 +42,7 @@ from ..prompts import STYLES, PromptStyle, proposer_messages
 from ..sampling import KEYS as SAMPLING_KEYS, sampling_args
 from . import card as cardlib
 from .onpolicy import clean_proposal, load_demonstrations, load_model_engine, proposal_messages
-from .scorers import SCORERS, JudgeScorer, RewardModelScorer, Scorer, VerifierScorer
+from .scorers import SCORERS, JudgeScorer, RewardModelScorer, Scorer, VerifierScorer, score_safely
 from .sources import SCHEMAS, SELECT, Item, Proposal, RowError, read_items, select, shard_slice
 from .targets import PROGRAM, TARGETS, ProgramTeacher, best_index, teacher_requests, training_prompt
 
@@ -385,7 +385,8 @@ class _Builder:
         if not off_policy:
             mode = cfg.proposal_prompt
             if mode == "auto":
-                mode = "demonstrations" if getattr(res.proposer, "raw_prompt", False) else "chat"
+                # (no proposer when everything is already built: nothing is sampled)
+                mode = "demonstrations" if res.proposer and not res.proposer.has_chat_template else "chat"
             if mode == "demonstrations":
                 self.demos = load_demonstrations(cfg.demonstrations_file)
             self.prompt_mode = mode
@@ -411,6 +412,9 @@ class _Builder:
             where.append(i)
         results = eng.generate(reqs) if reqs else []
         for i, r in zip(where, results):
+            if r.error is not None:
+                out[i] = f"proposals failed: {r.error}"
+                continue
             seeds = r.seeds or [None] * len(r.completions)
             self.tokens += sum(c.tokens for c in r.completions)
             out[i] = [Proposal(clean_proposal(c.text, self.demos), f"s{j}", None, eng.model or None, c.tokens,
@@ -427,8 +431,12 @@ class _Builder:
         # which scale a prompt's scores are on: the scorer's, the dataset's, or none (the card keeps them apart)
         self.source = {i: "dataset" if any(_num(s) for s in dataset_scores[i]) else None for i in live}
         if self.res.scorer is not None and live:
-            scores = self.res.scorer.score([chunk[i] for i in live], [[p.text for p in cands[i]] for i in live])
-            for i, sc in zip(live, scores):
+            scores, errors = score_safely(self.res.scorer, [chunk[i] for i in live],
+                                          [[p.text for p in cands[i]] for i in live])
+            for i, sc, err in zip(live, scores, errors):
+                if err is not None:
+                    recs[i] = {"skip": err}
+                    continue
                 if all(s is None for s in sc):
                     continue  # the scorer cannot score this prompt (e.g. no reference answer): dataset scores stay
                 self.source[i] = self.res.scorer.name
@@ -436,6 +444,8 @@ class _Builder:
                     p.score = s
         chosen: dict[int, list[int]] = {}
         for i in live:
+            if "skip" in recs[i]:
+                continue
             try:
                 chosen[i] = select(cands[i], cfg.k, cfg.select, derive_seed(cfg.seed, chunk[i].id, "select"))
             except AftError as e:
@@ -467,8 +477,10 @@ class _Builder:
         if self.res.scorer is not None and cfg.target != "best":
             ids = [i for i in targets if recs[i].get("skip") is None]
             if ids:
-                sc = self.res.scorer.score([chunk[i] for i in ids], [[targets[i]["text"]] for i in ids])
-                for i, s in zip(ids, sc):
+                sc, errors = score_safely(self.res.scorer, [chunk[i] for i in ids], [[targets[i]["text"]] for i in ids])
+                for i, s, err in zip(ids, sc, errors):
+                    if err is not None:
+                        recs[i] = {"skip": f"target: {err}"}
                     targets[i]["score"] = s[0]
         for i, t in targets.items():
             if "skip" in recs[i]:
@@ -513,6 +525,10 @@ class _Builder:
         results = eng.generate(teacher_requests(prompts_, params, seeds + seeds))
         solutions = results[len(ids):]
         for n, (i, sd, r) in enumerate(zip(ids, seeds, results)):
+            failed = r.error or (solutions[n].error if solutions else None)
+            if failed is not None:
+                recs[i] = {"skip": f"teacher failed: {failed}"}
+                continue
             c = r.completions[0]
             self.tokens += c.tokens
             sol = solutions[n].completions[0] if solutions else None
@@ -541,7 +557,7 @@ class _Builder:
                            for p, ds in zip(cands, dataset_scores)],
             "proposals": [p.id for p in props],
             "proposal_scores": [p.score for p in props],
-            "truncated": truncated,
+            "truncated": [c.to_dict() for c in truncated],
             "diversity": cardlib.diversity(texts),
             "target": {"mode": cfg.target, "source_id": target["source_id"], "score": target["score"],
                        "best_proposal_score": best, "chars": len(target["text"]),

@@ -71,22 +71,12 @@ def clean_proposal(text: str, demos: list[dict] | None) -> str:
     return text.strip()
 
 
-def prepare_base_tokenizer(tokenizer) -> bool:
-    """Give a template-less (base model) tokenizer the raw template; True if it had none."""
-    if tokenizer.chat_template:
-        return False
-    tokenizer.chat_template = RAW_TEMPLATE
-    return True
-
-
 def base_engine(model, tokenizer, **kw):
-    """An HFEngine over a base model: its prompts are sent as raw text (for the demonstrations prompt)."""
+    """An HFEngine whose prompts go out as raw text when the model has no chat template (a base model,
+    for the demonstrations prompt); its `has_chat_template` says which."""
     from ..engines.hf import HFEngine
 
-    raw = prepare_base_tokenizer(tokenizer)
-    engine = HFEngine(model, tokenizer, **kw)
-    engine.raw_prompt = raw
-    return engine
+    return HFEngine(model, tokenizer, fallback_template=RAW_TEMPLATE, **kw)
 
 
 def load_model_engine(args, model: str, engine: str = "auto", seed: int | None = None):

@@ -8,7 +8,8 @@
     JudgeScorer          any engine asked for a 1-10 rating (greedy, seeded)
 
 All share `score(items, texts) -> scores`, where texts[i] are the responses of
-items[i] and a score may be None (could not be scored).
+items[i] and a score may be None (could not be scored). `score_safely` calls a
+scorer so that one that raises fails only the items it raises on.
 """
 
 from __future__ import annotations
@@ -32,11 +33,42 @@ class Scorer:
     def score(self, items: list[Item], texts: list[list[str]]) -> list[list[float | None]]:
         raise NotImplementedError  # abstract
 
+    def count_tokens(self, query: list[dict], response: str) -> int | None:
+        """Tokens the scorer reads to score `response` (for compute accounting); None if not a model."""
+        return None
+
     def describe(self) -> dict:
         return {"scorer": self.name}
 
     def close(self) -> None:
         pass
+
+
+def failure(what: str, e: Exception) -> str:
+    """One line saying that `what` raised `e` (for the record of the query it failed)."""
+    text = str(e).strip().splitlines()
+    return f"{what} failed: {type(e).__name__}" + (f": {text[0][:300]}" if text else "")
+
+
+def score_safely(scorer: Scorer, items: list[Item], texts: list[list[str]]
+                 ) -> tuple[list[list[float | None]], list[str | None]]:
+    """`scorer.score(items, texts)`, and per item why it could not be scored (None: it was).
+
+    When the batch raises, each item is scored alone: the items whose scoring raises get the
+    reason (and None scores), the others their scores.
+    """
+    try:
+        return scorer.score(items, texts), [None] * len(items)
+    except Exception as e:  # a scorer's failure on some input must not stop the run
+        if len(items) == 1:
+            log.warning("scorer %s failed on %s", scorer.name, items[0].id, exc_info=True)
+            return [[None] * len(texts[0])], [failure(f"scorer {scorer.name}", e)]
+    scores, errors = [], []
+    for item, ts in zip(items, texts):
+        sc, err = score_safely(scorer, [item], [ts])
+        scores += sc
+        errors += err
+    return scores, errors
 
 
 class VerifierScorer(Scorer):
@@ -93,6 +125,9 @@ class RewardModelScorer(Scorer):
         if self.tok.chat_template:
             return self.tok.apply_chat_template(messages, tokenize=False)
         return "\n\n".join(m["content"] for m in messages)
+
+    def count_tokens(self, query: list[dict], response: str) -> int:
+        return len(self.tok(self.render(query, response))["input_ids"])
 
     def score(self, items, texts):
         import torch
@@ -162,7 +197,7 @@ class JudgeScorer(Scorer):
                                         seed=derive_seed(self.seed, item.id, "judge", t))
                 reqs.append(Request(self.messages(item.query, t), params))
         results = self.engine.generate(reqs) if reqs else []
-        ratings = [parse_rating(r.completions[0].text) for r in results]
+        ratings = [None if r.error is not None else parse_rating(r.completions[0].text) for r in results]
         unparsed = sum(r is None for r in ratings)
         if unparsed:
             log.info("judge: %d of %d replies had no rating", unparsed, len(ratings))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 
 from ..engines.base import Engine, Request, SamplingParams
-from ..prompts import PromptStyle, aggregator_messages, fit_proposals
+from ..prompts import Cut, PromptStyle, aggregator_messages, fit_proposals
 from .sources import Item, Proposal, ranked
 from .verify import extract_answer, is_correct
 
@@ -114,7 +114,7 @@ def _entry(item: Item) -> dict | None:
 
 
 def training_prompt(query: list[dict], texts: list[str], style: PromptStyle, engine: Engine | None,
-                    max_tokens: int) -> tuple[list[dict], list[str], list[dict]]:
+                    max_tokens: int) -> tuple[list[dict], list[str], list[Cut]]:
     """The aggregator messages for `texts` (proposals cut to fit the teacher's context if needed,
     as `aggregate.layer_messages` does at inference): (messages, proposals used, truncation info)."""
     window = engine.context_window if engine is not None else None

@@ -4,6 +4,11 @@ A batch of requests (chat messages + sampling parameters, n and seed included)
 goes in; for each request, n completions (text, generated token count, finish
 reason) and the prompt's token count come out. The propose-and-aggregate loop
 sees only this, never torch or an HTTP client.
+
+A request that cannot be answered (its prompt does not fit the context window,
+the server rejects it with a 400) fails alone: its Result has `error` set and no
+completions, and the other requests of the batch are answered. An engine raises
+only for what fails every request (a server that cannot be reached, a bad key).
 """
 
 from __future__ import annotations
@@ -51,9 +56,17 @@ class Completion:
 
 @dataclass
 class Result:
+    """The answer to one Request: everything later stages read is declared here."""
+
     completions: list[Completion]
     prompt_tokens: int = 0
-    seeds: list[int | None] = field(default_factory=list)
+    seeds: list[int | None] = field(default_factory=list)  # seed of each completion (None: unknown)
+    seconds: float | None = None  # wall time spent on this request, when the engine measured it
+    error: str | None = None  # why this request failed (then `completions` is empty)
+
+    @classmethod
+    def failed(cls, reason: str, prompt_tokens: int = 0) -> "Result":
+        return cls(completions=[], prompt_tokens=prompt_tokens, error=reason)
 
 
 class Engine:
@@ -62,12 +75,17 @@ class Engine:
     name: str = "engine"
     model: str = ""
     context_window: int | None = None  # tokens, when known
+    has_chat_template: bool = True  # False: a base model whose prompts go out as raw text (see data/onpolicy.py)
 
     def generate(self, requests: list[Request]) -> list[Result]:
         raise NotImplementedError  # abstract: each engine implements it
 
     def count_tokens(self, messages: list[dict]) -> int | None:
         """Prompt tokens of `messages` as this engine would render them; None if unknown."""
+        return None
+
+    def num_parameters(self) -> int | None:
+        """The model's parameter count when the engine can know it (a local model), else None."""
         return None
 
     def describe(self) -> dict:
@@ -83,6 +101,16 @@ class Engine:
         self.close()
 
 
+def share_seconds(results: list[Result], seconds: float) -> None:
+    """Give each result with no measured time its share of an engine call's `seconds`, in proportion
+    to the tokens it processed (prompt + generated)."""
+    todo = [r for r in results if r.seconds is None]
+    sizes = [r.prompt_tokens + sum(c.tokens for c in r.completions) for r in todo]
+    total = sum(sizes) or 1
+    for r, size in zip(todo, sizes):
+        r.seconds = seconds * size / total
+
+
 def derive_seed(*parts) -> int:
     """A stable 31-bit seed from any parts (ints, strings). Independent of PYTHONHASHSEED."""
     h = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
@@ -96,10 +124,19 @@ def sample_seeds(params: SamplingParams) -> list[int | None]:
     return [derive_seed(params.seed, j) for j in range(params.n)]
 
 
+def context_error(prompt_tokens: int, window: int | None) -> str | None:
+    """Why a prompt of `prompt_tokens` cannot be run in a context window of `window`; None when it fits."""
+    if window and prompt_tokens >= window:
+        return f"the prompt needs {prompt_tokens} tokens, more than the context window ({window})"
+    return None
+
+
 def check_fits(engine: Engine, messages: list[dict]) -> None:
-    """AftError when a prompt alone fills the engine's context window: the one such check (P&A's
-    proposal layer, on-policy sampling); the caller fails that query only."""
+    """AftError when a prompt alone fills the engine's context window: the one such check before a
+    request is sent (P&A's proposal layer, on-policy sampling; an engine applies `context_error` to
+    the prompts it is given); the caller fails that query only."""
     window = engine.context_window
     n = engine.count_tokens(messages) if window else None
-    if n is not None and n >= window:
-        raise AftError(f"the prompt needs {n} tokens, more than the context window ({window})")
+    error = context_error(n, window) if n is not None else None
+    if error:
+        raise AftError(error)

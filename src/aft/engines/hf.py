@@ -55,7 +55,7 @@ import torch
 
 from ..errors import AftError
 from ..loading import load_pretrained, pick_dtype  # noqa: F401  (pick_dtype: imported from here by callers)
-from .base import CHATML_TEMPLATE, Completion, Engine, Request, Result, SamplingParams, sample_seeds
+from .base import CHATML_TEMPLATE, Completion, Engine, Request, Result, SamplingParams, context_error, sample_seeds
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +63,17 @@ class HFEngine(Engine):
     name = "hf"
 
     def __init__(self, model, tokenizer, max_batch_rows: int = 64, display_name: str = "",
-                 memory_budget_bytes: int | None = None):
+                 memory_budget_bytes: int | None = None,
+                 fallback_template: str | None = None):
+        """`fallback_template`: the chat template used when the tokenizer has none (default ChatML;
+        data/onpolicy.py passes one that sends the messages as raw text, for base models)."""
         self.lm = model.eval()
         self.tok = tokenizer
-        if self.tok.chat_template is None:
-            log.warning("tokenizer has no chat template; using ChatML")
-            self.tok.chat_template = CHATML_TEMPLATE
+        self.has_chat_template = bool(self.tok.chat_template)
+        if not self.has_chat_template:
+            if fallback_template is None:
+                log.warning("tokenizer has no chat template; using ChatML")
+            self.tok.chat_template = fallback_template or CHATML_TEMPLATE
         self.device = next(model.parameters()).device
         if self.device.type == "cpu" and getattr(model.config, "_attn_implementation", None) == "sdpa":
             model.set_attn_implementation(_register_attention())  # the engine owns its model from here on
@@ -104,14 +109,22 @@ class HFEngine(Engine):
     def count_tokens(self, messages: list[dict]) -> int:
         return len(self.encode(messages))
 
+    def num_parameters(self) -> int:
+        """Every parameter of the model, tied ones counted once."""
+        return sum(p.numel() for p in {id(p): p for p in self.lm.parameters()}.values())
+
     # -------------------------------------------------------------- generation
     def generate(self, requests: list[Request]) -> list[Result]:
         prompts = [self.encode(r.messages) for r in requests]
         results: list[Result | None] = [None] * len(requests)
+        for i, p in enumerate(prompts):  # a prompt that does not fit fails alone
+            error = context_error(len(p), self.context_window)
+            if error:
+                results[i] = Result.failed(error, prompt_tokens=len(p))
         # Similar lengths together (less padding); chunks of at most max_batch_rows sampled rows, and on a
         # GPU of what fits its free memory (see chunk_bytes). A chunk that runs out of memory anyway is split.
         budget = self.memory_budget()
-        order = sorted(range(len(requests)), key=lambda i: len(prompts[i]))
+        order = sorted((i for i in range(len(requests)) if results[i] is None), key=lambda i: len(prompts[i]))
         chunk: list[int] = []
         rows = positions = 0
         for i in order + [None]:
@@ -178,10 +191,6 @@ class HFEngine(Engine):
     def _generate_chunk(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[Result]:
         dev = self.device
         B, L = len(prompts), max(len(p) for p in prompts)
-        if self.context_window:
-            for p in prompts:
-                if len(p) >= self.context_window:
-                    raise AftError(f"a prompt of {len(p)} tokens does not fit the context window ({self.context_window})")
         # One row per sample: row r belongs to prompt src[r] and is its sample j.
         src = [b for b, sp in enumerate(params) for _ in range(sp.n)]
         seeds = [s for sp in params for s in sample_seeds(sp)]

@@ -39,8 +39,12 @@ Timeouts and retries: each attempt of a call may take `timeout` seconds
 client itself retries connection errors, timeouts, 408, 409, 429 and 5xx with
 exponential back-off (0.5 s doubling, capped at 8 s, with jitter; `Retry-After`
 honoured) up to `max_retries` times (default 2). What is left after that, and
-the errors not worth retrying (400, 401, 403, 404), become an `AftError` naming
-the URL and the model; so does a reply that is not an OpenAI JSON response.
+the errors not worth retrying (401, 403, 404), become an `AftError` naming the
+URL and the model; so does a reply that is not an OpenAI JSON response. A
+request the server rejects on its own (400, 413, 422, once the fallbacks above
+are spent: e.g. a prompt longer than the model's context) fails alone: its
+Result carries the server's message as `error`, the rest of the batch is
+answered.
 While calls are unanswered a log line every `min(30 s, timeout / 3)` says how
 many, for how long, and from which server.
 
@@ -76,6 +80,12 @@ _NEUTRAL_EXTRAS = {"repetition_penalty": 1.0, "min_p": 0.0}
 # How servers name a parameter they do not take (hosted OpenAI's phrasings; `param` gives it when set).
 _UNSUPPORTED = re.compile(r"(?:unrecognized request argument supplied|unsupported parameter|unsupported value)"
                           r"\W+(\w+)", re.IGNORECASE)
+
+REJECTED = (400, 413, 422)  # statuses that concern one request, not the server
+
+
+class Rejected(AftError):
+    """The server refused one request (REJECTED); that request fails, the batch goes on."""
 
 
 class OpenAIEngine(Engine):
@@ -121,10 +131,11 @@ class OpenAIEngine(Engine):
             self._run(pool, requests, results, calls)
             # Round 2: samples a server left out (it ignored n), one n=1 call each with its own seed.
             missing = [(i, [j], _fallback_seeds(requests[i].params)[j])
-                       for i, res in enumerate(results) for j, c in enumerate(res.completions) if c is None]
+                       for i, res in enumerate(results) if res.error is None
+                       for j, c in enumerate(res.completions) if c is None]
             if missing:
                 self._run(pool, requests, results, missing)
-        if any(c is None for res in results for c in res.completions):
+        if any(c is None for res in results if res.error is None for c in res.completions):
             raise AftError(f"{self.base_url} (model {self.model!r}): the server returned no choices for a request")
         return results
 
@@ -149,8 +160,14 @@ class OpenAIEngine(Engine):
         try:
             self._wait_saying_so(futures)
             for (i, slots, seed), fut in zip(calls, futures):
-                completions, prompt_tokens = fut.result()
                 res = results[i]
+                try:
+                    completions, prompt_tokens = fut.result()
+                except Rejected as e:  # this request alone
+                    res.completions, res.seeds, res.error = [], [], str(e)
+                    continue
+                if res.error is not None:  # another sample of the same request was rejected
+                    continue
                 res.prompt_tokens = prompt_tokens
                 for j, c in zip(slots, completions):
                     res.completions[j] = c
@@ -309,6 +326,8 @@ class OpenAIEngine(Engine):
                 return AftError(f"{where}: authentication failed (401): {detail}; set OPENAI_API_KEY or api_key")
             if isinstance(e, openai.NotFoundError):
                 return AftError(f"{where}: not found (404): {detail}{self._served_models_hint()}")
+            if e.status_code in REJECTED:
+                return Rejected(f"{where}: request rejected ({e.status_code}): {detail}")
             return AftError(f"{where}: request failed ({e.status_code}): {detail}")
         return AftError(f"{where}: {type(e).__name__}: {_one_line(e)}")
 

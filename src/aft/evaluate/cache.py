@@ -14,7 +14,7 @@ by an earlier one for 8); otherwise the whole request is generated and stored.
 
 Each stored sample keeps its measured wall time: the seconds of the engine call
 that produced it, shared among that call's samples in proportion to tokens
-processed. Strategies report that measured time whether a sample was generated
+processed. A failed request (Result.error) is passed on and not stored. Strategies report that measured time whether a sample was generated
 now or earlier, so a rebuilt or shared run reports the same compute.
 """
 
@@ -90,10 +90,9 @@ class CachedEngine(Engine):
             keys = self._keys(req)
             if keys and all(k in self.samples for k in keys):
                 recs = [self.samples[k] for k in keys]
-                res = Result(completions=[Completion(r["text"], r["tokens"], r["finish_reason"]) for r in recs],
-                             prompt_tokens=recs[0]["prompt_tokens"], seeds=sample_seeds(req.params))
-                res.seconds = sum(r["seconds"] for r in recs)  # measured when generated
-                results[i] = res
+                results[i] = Result(completions=[Completion(r["text"], r["tokens"], r["finish_reason"]) for r in recs],
+                                    prompt_tokens=recs[0]["prompt_tokens"], seeds=sample_seeds(req.params),
+                                    seconds=sum(r["seconds"] for r in recs))  # measured when generated
                 self.hits += 1
             else:
                 todo.append(i)
@@ -126,6 +125,9 @@ class CachedEngine(Engine):
         if key in self.prompts:
             return self.prompts[key]
         return self.inner.count_tokens(messages)
+
+    def num_parameters(self) -> int | None:
+        return self.inner.num_parameters()
 
     def describe(self) -> dict:
         return {**self.inner.describe(), "cache": str(self.path)}

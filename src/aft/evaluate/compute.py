@@ -8,31 +8,17 @@ quadratic term left out: small for prompts of a few hundred tokens):
 
     prefill_flops = 2 * P * prompt_tokens      decode_flops = 2 * P * generated_tokens
 
-P is the engine's parameter count when the model is local (every parameter,
-embeddings included, tied ones once), else the config's `num_parameters`.
+P is the engine's parameter count when the model is local
+(`Engine.num_parameters`: every parameter, embeddings included, tied ones
+once), else the config's `num_parameters`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..engines.base import Engine, Result
-
-
-def num_parameters(engine: Engine) -> int | None:
-    """The parameter count of a local engine's model (read-only), or None when it cannot be known."""
-    inner = getattr(engine, "inner", None)
-    if inner is not None:
-        return num_parameters(inner)
-    lm = getattr(engine, "lm", None)
-    if lm is None or not hasattr(lm, "parameters"):
-        return None
-    seen, total = set(), 0
-    for p in lm.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel()
-    return total
+from ..aggregate import LayerTrace
+from ..engines.base import Result
 
 
 @dataclass
@@ -50,15 +36,15 @@ class Usage:
         self.prompt_tokens += res.prompt_tokens
         self.completion_tokens += sum(c.tokens for c in res.completions)
         self.generations += len(res.completions)
-        self.seconds += float(getattr(res, "seconds", 0.0))
+        self.seconds += res.seconds or 0.0
 
-    def add_trace(self, trace: list[dict]) -> None:
+    def add_trace(self, trace: list[LayerTrace]) -> None:
         """The usage recorded in a propose-and-aggregate trace (one request per layer)."""
         for layer in trace:
             self.requests += 1
-            self.prompt_tokens += layer["prompt_tokens"]
-            self.completion_tokens += sum(o["tokens"] for o in layer["outputs"])
-            self.generations += len(layer["outputs"])
+            self.prompt_tokens += layer.prompt_tokens
+            self.completion_tokens += sum(o.tokens for o in layer.outputs)
+            self.generations += len(layer.outputs)
 
     def to_dict(self, params: int | None) -> dict:
         d = {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,

@@ -34,7 +34,6 @@ from ..errors import AftError, where
 from ..io import JsonlAppender, read_jsonl, read_text, write_json
 from ..prompts import STYLES, PromptStyle
 from ..sampling import Sampling, sampling_args
-from .compute import num_parameters
 from .strategies import Strategy, run_strategy
 from .tasks import Task
 
@@ -155,13 +154,14 @@ def export_mt_bench(engine, out_path: str | Path, strategy: Strategy, sampling: 
     """Write FastChat model_answer JSONL for `questions` (default: the 80 MT-Bench questions)."""
     _check_strategy(strategy)
     questions = questions if questions is not None else load_mtbench_questions()
-    params = num_parameters(engine)
+    params = engine.num_parameters()
     with JsonlAppender(out_path, key="question_id") as out:
         todo = [q for q in questions if str(q["question_id"]) not in out.done]
         for s in range(0, len(todo), batch_size):
             chunk = todo[s:s + batch_size]
             answers = {q["question_id"]: [] for q in chunk}
             usage = {q["question_id"]: [] for q in chunk}
+            errors = {q["question_id"]: [] for q in chunk}
             n_turns = max(len(q["turns"]) for q in chunk)
             for t in range(n_turns):
                 live = [q for q in chunk if len(q["turns"]) > t]
@@ -177,13 +177,16 @@ def export_mt_bench(engine, out_path: str | Path, strategy: Strategy, sampling: 
                 for q, rec in zip(live, answered):
                     answers[q["question_id"]].append((rec.get("response") or "").strip())
                     usage[q["question_id"]].append(rec["usage"].to_dict(params))
+                    if "error" in rec:  # failed alone: its turn stays empty
+                        errors[q["question_id"]].append({"turn": t + 1, "error": rec["error"]})
             for q in chunk:
                 out.write({"question_id": q["question_id"],
                            "answer_id": _answer_id(model_id, q["question_id"], strategy.name, seed),
                            "model_id": model_id,
                            "choices": [{"index": 0, "turns": answers[q["question_id"]]}],
                            "tstamp": time.time(),
-                           "aft": {"strategy": strategy.name, "seed": seed, "usage": usage[q["question_id"]]}})
+                           "aft": {"strategy": strategy.name, "seed": seed, "usage": usage[q["question_id"]],
+                                   **({"errors": errors[q["question_id"]]} if errors[q["question_id"]] else {})}})
             if progress:
                 progress(len(out.done), len(questions))
     return Path(out_path)
@@ -196,7 +199,7 @@ def export_alpaca_eval(engine, out_path: str | Path, strategy: Strategy, samplin
     _check_strategy(strategy)
     out_path = Path(out_path)
     partial = out_path.with_name(out_path.name + ".partial.jsonl")
-    params = num_parameters(engine)
+    params = engine.num_parameters()
     with JsonlAppender(partial, key="index") as out:
         todo = [(i, rec) for i, rec in enumerate(instructions) if str(i) not in out.done]
         for s in range(0, len(todo), batch_size):
@@ -211,6 +214,8 @@ def export_alpaca_eval(engine, out_path: str | Path, strategy: Strategy, samplin
             for (i, rec), res in zip(chunk, answered):
                 row = {"index": i, "instruction": rec["instruction"], "output": (res.get("response") or "").strip(),
                        "generator": generator, "usage": res["usage"].to_dict(params)}
+                if "error" in res:  # failed alone: its output stays empty
+                    row["error"] = res["error"]
                 if "dataset" in rec:
                     row["dataset"] = rec["dataset"]
                 out.write(row)

@@ -158,10 +158,13 @@ def judge_answers(judge: Engine, questions: list[dict], answers: list[dict], out
                                                              seed=derive_seed(seed, q["question_id"], t))))
                 names.append(name)
             for (q, turns, t), req, name, res in zip(chunk, reqs, names, judge.generate(reqs)):
-                text = res.completions[0].text
-                out.write({"question_id": q["question_id"], "model": model_id, "judge": [judge_name, name],
-                           "user_prompt": req.messages[-1]["content"], "judgment": text,
-                           "score": judge_rating(text), "turn": t, "tstamp": time.time()})
+                text = res.completions[0].text if res.error is None else ""
+                row = {"question_id": q["question_id"], "model": model_id, "judge": [judge_name, name],
+                       "user_prompt": req.messages[-1]["content"], "judgment": text,
+                       "score": judge_rating(text), "turn": t, "tstamp": time.time()}
+                if res.error is not None:  # failed alone: unscored (-1), as an unparsed judgment
+                    row["error"] = res.error
+                out.write(row)
     return summarize_judgments(out_path, model_id, questions)
 
 

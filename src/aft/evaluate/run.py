@@ -32,7 +32,6 @@ from ..models import resolve
 from ..prompts import STYLES, PromptStyle
 from ..sampling import sampling_args
 from .cache import CachedEngine, model_fingerprint
-from .compute import num_parameters
 from .strategies import Strategy, parse_strategy, run_strategy
 from .tasks import load_task
 
@@ -184,7 +183,7 @@ def _run_eval_locked(cfg: EvalConfig, engine, progress) -> Summary:
         own_engine = engine is None
         if own_engine:
             engine, spec = cfg.open()
-        params = cfg.num_parameters or num_parameters(engine)
+        params = cfg.num_parameters or engine.num_parameters()
         run_meta = {"label": label, "model": cfg.model, "engine": engine.describe(), "num_parameters": params,
                     "model_fingerprint": fp, "config": cfglib.to_dict(cfg)}
         root.mkdir(parents=True, exist_ok=True)
@@ -265,7 +264,9 @@ def file_manifest(cfg: EvalConfig, path: Path, task, strat: Strategy, seed: int,
     settings.update(model_fingerprint=fp, seed=seed, task=task.describe()["spec"], strategy=strat.name)
     return Manifest(_meta_path(path), path, settings, {"task": task.describe(), "strategy": strat.to_dict(),
                                                         "seed": seed, "label": label, "model": cfg.model,
-                                                        "model_fingerprint": fp})
+                                                        "model_fingerprint": fp,
+                                                        # rebuilds P&A prompts (aggregate.replay_messages)
+                                                        "prompt_style": dataclasses.asdict(cfg.prompt_style())})
 
 
 def is_failed(record: dict) -> bool:

@@ -23,17 +23,22 @@ generated once.
 
 from __future__ import annotations
 
+import logging
 import re
+import time
 from dataclasses import dataclass, replace
 
 from ..aggregate import PAConfig, propose_and_aggregate
+from ..data.scorers import failure, score_safely
 from ..data.verify import extract_answer
-from ..engines.base import Engine, Request, derive_seed
+from ..engines.base import Engine, Request, derive_seed, share_seconds
 from ..errors import AftError
 from ..prompts import PromptStyle, proposer_messages
 from ..sampling import Sampling
 from .compute import Usage
 from .tasks import Task, answer_key
+
+log = logging.getLogger(__name__)
 
 KINDS = ("greedy", "sample", "pa", "best_of_n", "majority")
 SCORER_KINDS = ("verifier", "reward_model")
@@ -151,21 +156,22 @@ def run_strategy(engine: Engine, task: Task, items: list, strategy: Strategy, sa
         else:
             n = 1 if strategy.kind == "sample" else strategy.n
             reqs = [proposal_request(it.query, it.id, n, sampling, seed, style) for it in items]
-        meter = _Meter(engine)
-        results = meter.generate(reqs)
+        t0 = time.perf_counter()
+        results = engine.generate(reqs)
+        share_seconds(results, time.perf_counter() - t0)
         records = []
-        for it, res, secs in zip(items, results, meter.calls[-1]):
+        for it, res in zip(items, results):
             usage = Usage()
             usage.add_result(res)
-            usage.seconds = secs
-            texts = [c.text for c in res.completions]
             rec = {"id": it.id, "usage": usage}
-            if strategy.kind in ("greedy", "sample"):
-                rec["response"] = texts[0]
+            if res.error is not None:  # this question alone failed
+                rec.update(error=res.error, response=None)
+            elif strategy.kind in ("greedy", "sample"):
+                rec["response"] = res.completions[0].text
                 rec["finish_reason"] = res.completions[0].finish_reason
             else:
-                rec["candidates"] = [{"text": t, "tokens": c.tokens, "finish_reason": c.finish_reason}
-                                     for t, c in zip(texts, res.completions)]
+                rec["candidates"] = [{"text": c.text, "tokens": c.tokens, "finish_reason": c.finish_reason}
+                                     for c in res.completions]
             records.append(rec)
         if strategy.kind == "best_of_n" and strategy.scorer != "verifier":
             _reward_scores(items, records, scorer)
@@ -175,28 +181,35 @@ def run_strategy(engine: Engine, task: Task, items: list, strategy: Strategy, sa
 def finish_record(task: Task, item, rec: dict, strategy: Strategy) -> dict:
     """Everything a record's verdict depends on, from its generated texts: the pick of majority vote and of
     best-of-N with the verifier, the extracted answer, `correct`, and for P&A which proposals were correct
-    and whether the final answer is one of theirs. `aft eval rescore` calls this again on cached records."""
+    and whether the final answer is one of theirs. `aft eval rescore` calls this again on cached records.
+    A record with `error` (its request or its scorer failed) is not correct; a checker that raises on this
+    question's answers gives it that error, and the other questions go on."""
     question = item.meta.get("question")
-    if strategy.kind == "majority":
-        votes = [answer_key(c["text"], question) for c in rec["candidates"]]
-        for c, v in zip(rec["candidates"], votes):
-            c["vote"] = v
-        _pick(rec, majority_pick(votes))
-    elif strategy.kind == "best_of_n":
-        if strategy.scorer == "verifier":
-            for c in rec["candidates"]:
-                c["score"] = 1.0 if task.check(item, c["text"]) else 0.0
-        _pick(rec, best_pick([c.get("score") for c in rec["candidates"]]))
-    response = rec.get("response")
-    rec["extracted"] = extract_answer(response, question) if task.has_answers else None
     rec["reference"] = item.answer
-    ok = task.check(item, response) if "error" not in rec else False
-    rec["correct"] = None if ok is None else bool(ok)
-    if strategy.kind == "pa" and rec.get("trace") and task.has_answers:
-        proposals = [o["text"] for o in rec["trace"][0]["outputs"]]
-        rec["proposals_correct"] = [bool(task.check(item, t)) for t in proposals]
-        final = answer_key(response, question) if response is not None else None
-        rec["final_in_proposals"] = None if final is None else final in {answer_key(t, question) for t in proposals}
+    try:
+        if strategy.kind == "majority" and "error" not in rec:
+            votes = [answer_key(c["text"], question) for c in rec["candidates"]]
+            for c, v in zip(rec["candidates"], votes):
+                c["vote"] = v
+            _pick(rec, majority_pick(votes))
+        elif strategy.kind == "best_of_n" and "error" not in rec:
+            if strategy.scorer == "verifier":
+                for c in rec["candidates"]:
+                    c["score"] = 1.0 if task.check(item, c["text"]) else 0.0
+            _pick(rec, best_pick([c.get("score") for c in rec["candidates"]]))
+        response = rec.get("response")
+        rec["extracted"] = extract_answer(response, question) if task.has_answers else None
+        ok = task.check(item, response) if "error" not in rec else False
+        rec["correct"] = None if ok is None else bool(ok)
+        if strategy.kind == "pa" and rec.get("trace") and task.has_answers:
+            proposals = [o["text"] for o in rec["trace"][0]["outputs"]]
+            rec["proposals_correct"] = [bool(task.check(item, t)) for t in proposals]
+            final = answer_key(response, question) if response is not None else None
+            rec["final_in_proposals"] = None if final is None else final in {answer_key(t, question)
+                                                                             for t in proposals}
+    except Exception as e:  # a checker that fails on some answer fails only this question
+        log.warning("checking the answers of %s failed", item.id, exc_info=True)
+        rec.update(error=failure("checking the answers", e), response=None, extracted=None, correct=False)
     return rec
 
 
@@ -229,12 +242,16 @@ def _reward_scores(items, records, scorer) -> None:
     if scorer is None:
         raise AftError("best_of_n with scorer=reward_model needs `reward_model` (a sequence-classification "
                        "model folder)")
-    texts = [[c["text"] for c in rec["candidates"]] for rec in records]
-    scores = scorer.score(items, texts)
-    counter = getattr(scorer, "tok", None)
-    for it, ts, rec, sc in zip(items, texts, records, scores):
-        if counter is not None:
-            rec["scorer_tokens"] = sum(len(counter(scorer.render(it.query, t))["input_ids"]) for t in ts)
+    answered = [(it, rec) for it, rec in zip(items, records) if "error" not in rec]
+    texts = [[c["text"] for c in rec["candidates"]] for _, rec in answered]
+    scores, errors = score_safely(scorer, [it for it, _ in answered], texts)
+    for (it, rec), ts, sc, err in zip(answered, texts, scores, errors):
+        if err is not None:  # the scorer failed on this question alone
+            rec.update(error=err, response=None)
+            continue
+        counts = [scorer.count_tokens(it.query, t) for t in ts]
+        if None not in counts:
+            rec["scorer_tokens"] = sum(counts)
         for c, v in zip(rec["candidates"], sc):
             c["score"] = v
 
@@ -249,51 +266,18 @@ def best_pick(scores: list[float | None]) -> int:
 
 
 def _run_pa(engine: Engine, items, strategy: Strategy, sampling: Sampling, seed: int, style: PromptStyle) -> list[dict]:
-    meter = _Meter(engine)
     pa = PAConfig(n=strategy.k, num_aggregation=strategy.l, sampling=sampling, seed=seed, style=style)
-    out = propose_and_aggregate(meter, [(it.id, it.query) for it in items], pa)
-    # the seconds of each (query, layer): call i answered, in order, the queries still live at layer i
-    seconds = {rec["id"]: 0.0 for rec in out}
-    for li, call in enumerate(meter.calls):
-        live = [rec["id"] for rec in out if len(rec["trace"]) > li]
-        for qid, s in zip(live, call):
-            seconds[qid] += s
+    out = propose_and_aggregate(engine, [(it.id, it.query) for it in items], pa)
     records = []
-    for rec in out:
-        usage = Usage()
-        usage.add_trace(rec["trace"])
-        usage.seconds = seconds[rec["id"]]
-        r = {"id": rec["id"], "usage": usage, "trace": rec["trace"]}
-        if "error" in rec:
-            r["error"] = rec["error"]
+    for qr in out:
+        usage = Usage(seconds=qr.seconds)
+        usage.add_trace(qr.trace)
+        r = {"id": qr.id, "usage": usage, "trace": [t.to_dict() for t in qr.trace]}
+        if qr.error is not None:
+            r["error"] = qr.error
             r["response"] = None
         else:
-            r["response"] = rec["response"]
-            r["finish_reason"] = rec["trace"][-1]["outputs"][0]["finish_reason"]
+            r["response"] = qr.response
+            r["finish_reason"] = qr.trace[-1].outputs[0].finish_reason
         records.append(r)
     return records
-
-
-class _Meter(Engine):
-    """Passes requests through, keeping each result's measured seconds per call."""
-
-    def __init__(self, inner: Engine):
-        self.inner, self.calls = inner, []
-        self.model, self.context_window = inner.model, inner.context_window
-
-    def generate(self, requests):
-        import time
-
-        t0 = time.perf_counter()
-        results = self.inner.generate(requests)
-        dt = time.perf_counter() - t0
-        if all(hasattr(r, "seconds") for r in results):
-            self.calls.append([r.seconds for r in results])
-        else:  # an uncached engine: share the call's time by tokens processed
-            sizes = [r.prompt_tokens + sum(c.tokens for c in r.completions) for r in results]
-            total = sum(sizes) or 1
-            self.calls.append([dt * s / total for s in sizes])
-        return results
-
-    def count_tokens(self, messages):
-        return self.inner.count_tokens(messages)
