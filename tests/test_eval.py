@@ -279,7 +279,7 @@ def test_a_failed_request_or_scorer_fails_only_its_question(tmp_path):
 
     task = Task("gsm", "gsm8k", f"gsm8k:{GSM}", load_gsm8k(GSM)[:3])
     recs = run_strategy(RejectsPencils(), task, task.items, parse_strategy("best_of_n:n=2,scorer=reward_model"),
-                        Sampling(), seed=0, scorer=RaisesOnNotebooks())
+                        EVAL_SAMPLING, seed=0, scorer=RaisesOnNotebooks())
     assert recs[0]["error"] == "rejected (400): pencils" and recs[0]["usage"].generations == 0
     assert recs[1]["error"] == "scorer fragile failed: RuntimeError: cannot score"
     assert [r["response"] for r in recs[:2]] == [None, None] and [r["correct"] for r in recs[:2]] == [False, False]

@@ -81,8 +81,8 @@ def test_fit_keeps_every_proposal_and_cuts_the_longest_first():
     assert fit.proposals[0] == "short answer"  # the short one is untouched
     assert fit.proposals[1].endswith(TRUNCATION_MARK) and fit.proposals[2].endswith(TRUNCATION_MARK)
     assert fit.prompt_tokens <= budget
-    assert {t["index"] for t in fit.truncated} == {1, 2}
-    assert fit.truncated[0]["from_chars"] == 400
+    assert {t.index for t in fit.truncated} == {1, 2}
+    assert fit.truncated[0].from_chars == 400
 
 
 def test_fit_is_a_no_op_when_it_fits_and_fails_when_the_query_alone_is_too_long():
