@@ -36,7 +36,7 @@ from __future__ import annotations
 import logging
 
 from ..errors import AftError
-from .base import CHATML_TEMPLATE, Completion, Engine, Request, Result, SamplingParams
+from .base import CHATML_TEMPLATE, Completion, Engine, Request, Result, SamplingParams, context_error
 
 log = logging.getLogger(__name__)
 
@@ -112,10 +112,21 @@ class VLLMEngine(Engine):
     def generate(self, requests: list[Request]) -> list[Result]:
         if not requests:
             return []
-        sps = [self._vllm.SamplingParams(**sampling_kwargs(r.params)) for r in requests]
-        outputs = self.llm.chat([r.messages for r in requests], sampling_params=sps, use_tqdm=False,
-                                chat_template=self.chat_template)
-        return [to_result(o, r.params) for o, r in zip(outputs, requests)]
+        # vLLM refuses the whole batch for one prompt longer than max_model_len: that prompt fails alone.
+        results: list[Result | None] = [None] * len(requests)
+        for i, r in enumerate(requests):
+            n = self.count_tokens(r.messages)
+            error = context_error(n, self.context_window)
+            if error:
+                results[i] = Result.failed(error, prompt_tokens=n)
+        todo = [i for i, res in enumerate(results) if res is None]
+        if todo:
+            sps = [self._vllm.SamplingParams(**sampling_kwargs(requests[i].params)) for i in todo]
+            outputs = self.llm.chat([requests[i].messages for i in todo], sampling_params=sps, use_tqdm=False,
+                                    chat_template=self.chat_template)
+            for i, o in zip(todo, outputs):
+                results[i] = to_result(o, requests[i].params)
+        return results  # type: ignore[return-value]
 
     def count_tokens(self, messages: list[dict]) -> int:
         """Prompt tokens as LLM.chat renders them: the chat template, then encode without special tokens."""
