@@ -6,8 +6,11 @@ Tests that use the embedded model's folder (the `embedded_dir` fixture) are mark
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never use the hub: a hub id fails at once, offline
 
 import pytest
 import torch

@@ -206,3 +206,44 @@ def test_shipped_configs_load(name):
 
     cfg = load_config(str(Path(__file__).parents[1] / "configs" / name), {})
     SFTConfig(output_dir="/tmp/x", use_cpu=True, activation_checkpointing=False, **{k: v for k, v in cfg.sft_args.items() if k != "bf16"})
+
+
+# ------------------------------------------------------------------ several processes
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_train_one_model_and_rank_0_writes(tiny_dir, tmp_path):
+    """DDP over gloo on the CPU, as `aft train` runs on several GPUs or machines: each process trains on its
+    half of the rows, the adapter, checkpoints and metrics are written once, rank 0 alone logs and prints.
+    (`accelerate launch --cpu` starts one process whatever --num_processes says; --multi_gpu on a machine
+    without GPUs starts them all, on the CPU.)"""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(free_port()),
+           "-m", "aft", "train", "--model", str(tiny_dir), "--data", str(FIX), "--output_dir", str(out),
+           "--num_train_epochs", "1", "--per_device_train_batch_size", "2", "--save_steps", "1",
+           "--logging_steps", "1"]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "AFT_PROGRESS": "", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["processes"] == 2 and m["train_rows"] == 8
+    assert m["steps"] == 2  # 8 rows / (2 rows x 2 processes) per step: one process alone would take 4
+    assert [step for step, _ in m["losses"]] == [1, 2]  # one loss per step, not one per process
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert (out / "checkpoint-2" / "aft_base_model.txt").exists() and (out / "loss.png").stat().st_size > 0
+    assert resolve(str(out)).adapter == str(out)  # the adapter loads as `aft infer --model <out>` would
+    assert r.stdout.count("lora aft training: 2 steps on 8 rows") == 1 and r.stdout.count("'train_runtime'") == 1
+    assert r.stderr.count("mode aft: 8 training rows") == 1 and r.stderr.count("aft.loading: loaded") == 1
+    assert "[rank1]" not in r.stderr and "Traceback" not in r.stderr

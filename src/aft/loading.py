@@ -57,6 +57,11 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def is_main_process() -> bool:
+    """Rank 0 of all machines (RANK, set by torchrun / accelerate launch / deepspeed), or a process alone."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def pick_dtype(dtype: str, device: str):
     import torch
 

@@ -32,6 +32,7 @@ from pathlib import Path
 from . import config as cfglib
 from .errors import AftError, where
 from .io import make_folder, read_jsonl, read_text, write_json
+from .loading import is_main_process
 from .manifest import Manifest
 from .models import portable_id
 from .prompts import ROLES, validate_messages
@@ -345,10 +346,11 @@ def add_eos(lm, eot: int) -> None:
 @dataclass
 class TrainResult:
     output_dir: Path
-    metrics: dict
+    metrics: dict  # empty on every process but the first (multi-GPU / multi-node: rank 0 reports)
     merged_dir: Path | None = None
     trainer: object = None  # the SFTTrainer, its model still in memory
     finished_before: bool = False  # a rerun of a finished run: nothing trained, the saved metrics returned
+    main_process: bool = True  # rank 0, which writes the outputs
 
 
 def check_packages(cfg: TrainConfig) -> None:
@@ -404,6 +406,9 @@ def sft_config(cfg: TrainConfig):
         use_cpu=not on_gpu, completion_only_loss=True, lr_scheduler_type="cosine", warmup_steps=0.03,
         eval_strategy="steps" if eval_on else "no", eval_steps=cfg.save_steps if eval_on else None,
         dataloader_num_workers=0, save_only_model=False, logging_first_step=True,
+        # Several processes (DDP): every trainable weight (LoRA on all linear layers, or all of them) is used in
+        # each forward, so DDP need not search the graph for unused ones (and warn about it on every rank).
+        ddp_find_unused_parameters=False,
         **checkpointing_args(cfg, sharding()),
     )
     args.update(cfg.sft_args)
@@ -452,7 +457,7 @@ def _marker_callback(base: str):
     class MarkerCallback(TrainerCallback):
         def on_save(self, args, state, control, **kw):
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if (ckpt / "adapter_config.json").exists():
+            if state.is_world_process_zero and (ckpt / "adapter_config.json").exists():
                 (ckpt / BASE_MARKER).write_text(base + "\n")
 
     return MarkerCallback()
@@ -502,7 +507,8 @@ def run_train(cfg: TrainConfig) -> TrainResult:
         log.info("%s: this run already finished; its model and measurements are kept (--no-resume trains again)",
                  out)
         merged = out / "merged"
-        return TrainResult(out, done, merged if merged.is_dir() else None, finished_before=True)
+        return TrainResult(out, done, merged if merged.is_dir() else None, finished_before=True,
+                           main_process=is_main_process())
     resume_from = last_checkpoint(out) if cfg.resume else None
     run = Manifest(out / "aft_run.json", out, cfglib.output_settings(cfg), {"config": config_dict(cfg)})
     if resume_from:
@@ -527,24 +533,25 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     # aft_base_model.txt keeps the --model string this machine resolves.
     lm.name_or_path = lm.config._name_or_path = portable_id(base) if not Path(base).is_dir() else base
 
-    # 6
+    # 6: every process trains; the first alone (rank 0 of all machines) writes files, the trainer included
+    main_process = is_main_process()
     make_folder(out)
-    import yaml
-
-    (out / "config.yaml").write_text(yaml.safe_dump(config_dict(cfg), sort_keys=False))
-    if int(os.environ.get("RANK", "0")) == 0:  # one writer when several processes train
-        run.write()
     trainer = build_trainer(cfg, lm, tok, enc, enc_eval, base, args)
-    write_json(out / "sft_config.json", json.loads(trainer.args.to_json_string()))
+    if main_process:
+        import yaml
+
+        (out / "config.yaml").write_text(yaml.safe_dump(config_dict(cfg), sort_keys=False))
+        run.write()
+        write_json(out / "sft_config.json", json.loads(trainer.args.to_json_string()))
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
     result = trainer.train(resume_from_checkpoint=resume_from)
     wall = time.time() - t0
 
-    trainer.save_model(str(out))  # the adapter (LoRA) or the full model (gathered under ZeRO-3 / FSDP)
-    if not trainer.is_world_process_zero():  # multi-GPU: rank 0 writes the rest
-        return TrainResult(out, {}, None, trainer)
+    trainer.save_model(str(out))  # every rank takes part (ZeRO-3 / FSDP gather); rank 0 writes
+    if not main_process:
+        return TrainResult(out, {}, None, trainer, main_process=False)
     tok.save_pretrained(str(out))  # tokenizer + chat template (chat_template.jinja) + eos = end of turn
     if cfg.use_peft:
         (out / BASE_MARKER).write_text(base + "\n")
@@ -623,7 +630,8 @@ def _metrics(cfg, trainer, result, enc, wall, load_s, resume_from) -> dict:
         "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
         "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
         "total_params": sum(p.numel() for p in trainer.model.parameters()),
-        "device": _device(), "threads": torch.get_num_threads(), "bf16": bool(trainer.args.bf16),
+        "device": _device(), "processes": trainer.args.world_size, "threads": torch.get_num_threads(),
+        "bf16": bool(trainer.args.bf16),
         "losses": losses, "eval_losses": evals,
     }
 

@@ -13,8 +13,10 @@ import logging
 import os
 import sys
 import time
+import warnings
 
 from ..errors import AftError
+from ..loading import is_main_process
 
 # sub-command -> module in aft.cli; each module has add_parser(subparsers)
 COMMANDS = ["infer", "data", "train", "analyze", "eval", "view"]
@@ -47,6 +49,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    if not is_main_process():  # one of several processes (accelerate launch, torchrun): rank 0
+        level = max(level, logging.WARNING)   # logs and draws progress; the libraries' warnings are the same there
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers reads this one
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+        warnings.filterwarnings("ignore")
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "httpcore", "urllib3", "filelock", "datasets", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

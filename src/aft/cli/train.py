@@ -25,6 +25,8 @@ def main(args) -> int:
 
     cfg = load_config(args.config, flags_given(args))
     res = run_train(cfg)
+    if not res.main_process:  # one of several training processes: the first one reports
+        return 0
     m = res.metrics
     if res.finished_before:
         print(f"{res.output_dir}: this run already finished (its model and measurements are kept; --no-resume "
