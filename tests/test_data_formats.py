@@ -246,6 +246,33 @@ def test_shards_concatenate_to_the_unsharded_output(tmp_path):
     assert card["counts"] == json.loads((full / "data_card.json").read_text())["counts"]
 
 
+def test_two_processes_build_shards_then_merge_equals_one_process(tmp_path, capsys):
+    """`aft data build --shard i/2` as two processes at once into one --out, then `aft data merge`: the rows of
+    the unsharded build (the one data-build test that starts real processes)."""
+    import os
+    import subprocess
+    import sys
+
+    from aft.cli import main
+
+    flags = ["--input_file", str(GENERIC), "--k", "2", "--target", "best", "--scorer", "verifier", "--no_proposals"]
+    env = {**os.environ, "AFT_PROGRESS": ""}
+    procs = [subprocess.Popen([sys.executable, "-m", "aft", "data", "build", *flags, "--out", str(tmp_path / "sharded"),
+                               "--shard", f"{i}/2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for i in range(2)]
+    results = [(p.wait(timeout=600), *p.communicate()) for p in procs]
+    assert [rc for rc, _, _ in results] == [0, 0], [err[-2000:] for _, _, err in results]
+    assert sorted(out.split(" rows written")[0].split()[-1] for _, out, _ in results) == ["1", "2"]  # 3 rows split
+    assert main(["data", "merge", str(tmp_path / "sharded")]) == 0
+    assert "merged into" in capsys.readouterr().out
+    assert main(["data", "build", *flags, "--out", str(tmp_path / "one")]) == 0
+    for name in ("aft.jsonl", "sft.jsonl", "aft_noprop.jsonl"):
+        merged = (tmp_path / "sharded" / name).read_text().splitlines()
+        assert len(merged) == 3 and sorted(merged) == sorted((tmp_path / "one" / name).read_text().splitlines())
+    card = json.loads((tmp_path / "sharded" / "data_card.json").read_text())
+    assert card["counts"] == json.loads((tmp_path / "one" / "data_card.json").read_text())["counts"]
+
+
 # ------------------------------------------------------------------ card
 def test_data_card_numbers_on_a_hand_made_case(tmp_path):
     """Two prompts, verifier scorer, reference targets: every number checked by hand."""
