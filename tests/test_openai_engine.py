@@ -19,7 +19,7 @@ import torch
 
 from aft.engines import load_engine
 from aft.engines.args import EngineArgs
-from aft.engines.base import Request, SamplingParams, derive_seed
+from aft.engines.base import Engine, Request, SamplingParams, derive_seed
 from aft.engines.hf import HFEngine
 from aft.engines.openai import OpenAIEngine, split_total
 from aft.errors import AftError
@@ -146,15 +146,39 @@ def test_top_k_reaches_the_server(server):
     assert a.completions[0].text == b.completions[0].text
 
 
-def test_concurrency_bounded_and_order_kept(engine, server):
-    srv, url = server
-    eng = client(url, model=MODEL, max_concurrency=2)
-    reqs = [Request(msgs(f"question {i}"), SamplingParams(temperature=0.0, max_tokens=1 + i % 4)) for i in range(10)]
-    srv.stats["max_in_flight"] = 0
-    before = srv.stats["requests"]
-    results = eng.generate(reqs)
-    assert srv.stats["requests"] - before == 10
-    assert 1 <= srv.stats["max_in_flight"] <= 2
+class WaitsForCompany(Engine):
+    """The engine, except that its first call waits (up to 10 s) until a second request is in the server: a
+    client that sends two at once is then seen with two in flight, whatever the timing."""
+
+    def __init__(self, inner):
+        self.inner, self.model, self.context_window = inner, inner.model, inner.context_window
+        self.server, self.waited = None, False
+
+    def generate(self, requests):
+        deadline = time.time() + 10
+        while not self.waited and self.server.stats["in_flight"] < 2 and time.time() < deadline:
+            time.sleep(0.005)
+        self.waited = True
+        return self.inner.generate(requests)
+
+    def count_tokens(self, messages):
+        return self.inner.count_tokens(messages)
+
+
+def test_concurrency_bounded_and_order_kept(engine):
+    gate = WaitsForCompany(engine)
+    srv, url = start_server(gate)
+    gate.server = srv
+    try:
+        eng = client(url, model=MODEL, max_concurrency=2)
+        reqs = [Request(msgs(f"question {i}"), SamplingParams(temperature=0.0, max_tokens=1 + i % 4))
+                for i in range(10)]
+        results = eng.generate(reqs)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert srv.stats["requests"] == 10
+    assert srv.stats["max_in_flight"] == 2  # two at once, never more
     expected = [engine.generate([r])[0] for r in reqs]  # one at a time, as the server runs them
     assert [r.completions[0].text for r in results] == [r.completions[0].text for r in expected]
     assert [r.completions[0].tokens for r in results] == [1 + i % 4 for i in range(10)]

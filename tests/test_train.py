@@ -204,8 +204,18 @@ def test_config_yaml_keys(tmp_path):
 def test_shipped_configs_load(name):
     from trl import SFTConfig
 
-    cfg = load_config(str(Path(__file__).parents[1] / "configs" / name), {})
-    SFTConfig(output_dir="/tmp/x", use_cpu=True, activation_checkpointing=False, **{k: v for k, v in cfg.sft_args.items() if k != "bf16"})
+    import yaml
+
+    from aft.train import OUR_KEYS
+
+    path = Path(__file__).parents[1] / "configs" / name
+    cfg = load_config(str(path), {})
+    raw = yaml.safe_load(path.read_text())
+    assert {k: getattr(cfg, k) for k in raw if k in OUR_KEYS} == {k: v for k, v in raw.items() if k in OUR_KEYS}
+    assert cfg.sft_args == {k: v for k, v in raw.items() if k not in OUR_KEYS}  # the rest passes through to TRL
+    extra = {k: v for k, v in cfg.sft_args.items() if k != "bf16"}
+    args = SFTConfig(output_dir="/tmp/x", use_cpu=True, activation_checkpointing=False, **extra)
+    assert {k: getattr(args, k) for k in extra} == extra
 
 
 # ------------------------------------------------------------------ several processes
