@@ -252,3 +252,23 @@ def test_eval_run_retries_failed_questions(tmp_path):
     assert (second.answered, second.failed, second.retried) == (2, 0, 2)
     records = (tmp_path / "e" / "echo" / "arith1" / "pa-k2-l1.seed0.jsonl").read_text().splitlines()
     assert len(records) == 2 and not any("error" in json.loads(r) for r in records)
+
+
+def test_an_object_id_is_rejected_by_every_reader(tmp_path):
+    from aft.data.sources import RowError, read_items
+    from aft.errors import AftError
+    from aft.evaluate.tasks import load_gsm8k
+    from aft.train import read_rows
+
+    bad = {"a": 1}
+    train = write_jsonl(tmp_path / "aft.jsonl", [{"id": bad, "prompt": [{"role": "user", "content": "q"}],
+                                                  "completion": [{"role": "assistant", "content": "a"}]}])
+    with pytest.raises(AftError, match=rf'{train}:1: field "id": expected a string or a number'):
+        read_rows(train)
+    gsm = write_jsonl(tmp_path / "gsm.jsonl", [{"id": [1], "question": "1+1?", "answer": "2 #### 2"}])
+    with pytest.raises(AftError, match=rf'{gsm}:1: field "id": expected a string or a number'):
+        load_gsm8k(gsm)
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": True, "prompt": "q"}, {"id": 7, "prompt": "r"}])
+    rows = list(read_items(str(prompts)))
+    assert isinstance(rows[0], RowError) and 'field "id": expected a string or a number, got true' in str(rows[0])
+    assert rows[1].id == "7"

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from . import config as cfglib
 from .errors import AftError, where
-from .io import make_folder, read_jsonl, read_text, write_json
+from .io import make_folder, read_jsonl, read_text, record_id, write_json
 from .loading import is_main_process
 from .manifest import Manifest
 from .models import portable_id
@@ -175,7 +175,7 @@ def read_rows(path: str | Path) -> list[dict]:
                 raise AftError(f'{loc}field "completion": message {i} has an empty completion')
         if len(completion) > 1:
             raise AftError(f'{loc}field "completion": expected one assistant message, got {len(completion)}')
-        rid = str(rec.get("id", f"{path.name}:{lineno}"))
+        rid = record_id(rec.get("id"), loc) or f"{path.name}:{lineno}"
         if rid in seen:
             raise AftError(f'{loc}field "id": duplicate id {rid!r}')
         seen.add(rid)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import AftError, where
-from ..io import parse_query, read_jsonl
+from ..io import parse_query, read_jsonl, record_id
 
 SCHEMAS = ("auto", "ultrafeedback", "generic", "prompts")
 UF_ASPECTS = ("helpfulness", "honesty", "instruction_following", "truthfulness")
@@ -124,8 +124,12 @@ def read_items(path: str, schema: str = "auto", score_field: str = "auto", split
         except AftError as e:
             yield RowError(loc, str(e).removeprefix(loc), _kind_of(str(e)))
             continue
-        rid = rec.get("id", rec.get("prompt_id", rec.get("question_id")))
-        item.id = str(rid) if rid is not None else f"{Path(name).stem}-{line}"
+        try:
+            rid = record_id(rec.get("id", rec.get("prompt_id", rec.get("question_id"))), loc)
+        except AftError as e:
+            yield RowError(loc, str(e).removeprefix(loc), "bad id")
+            continue
+        item.id = rid if rid is not None else f"{Path(name).stem}-{line}"
         if item.id in seen:
             yield RowError(loc, f'field "id": duplicate id {item.id!r}', "duplicate id")
             continue

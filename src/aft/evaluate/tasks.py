@@ -27,7 +27,7 @@ from ..data.reasoning_gym import ANSWER_SUFFIX, resolve_task, rg_entry, rg_query
 from ..data.sources import Item
 from ..data.verify import extract_answer, is_correct, parse_number
 from ..errors import AftError, where
-from ..io import read_jsonl
+from ..io import read_jsonl, record_id
 
 TASK_KINDS = ("rg", "gsm8k", "ifeval")
 
@@ -172,7 +172,7 @@ def load_gsm8k(path: str | Path) -> list[Item]:
         if answer is None:
             raise AftError(f'{loc}field "answer": the text after "####" is not a number: '
                            f'{raw.rsplit("####", 1)[1].strip()[:40]!r}')
-        qid = str(rec.get("id", f"{Path(path).stem}-{line}"))
+        qid = record_id(rec.get("id"), loc) or f"{Path(path).stem}-{line}"
         if qid in seen:
             raise AftError(f'{loc}field "id": duplicate id {qid!r}')
         seen.add(qid)
