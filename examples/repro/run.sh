@@ -1,61 +1,122 @@
 #!/usr/bin/env bash
-# AFT reproduced at small scale on this machine (2 CPU cores, no GPU, offline), one command:
+# A fair test of AFT at small scale (2 CPU cores, no GPU, offline), one command:
 #
-#     bash examples/repro/run.sh            # OUT=runs/repro by default
+#     bash examples/repro/run.sh                 # the full experiment, OUT=runs/fair
+#     SMOKE=1 bash examples/repro/run.sh         # the same pipeline on a few questions (OUT=runs/fair-smoke)
 #
-# Every step is resumable: rerun the script after an interruption and finished work is kept
-# (data rows, training checkpoints, cached generations). Measured on 2 quiet cores (bf16,
-# SmolLM2-135M): data 1.6 min, SFT 1.7 min, AFT 9 min, evaluation of 3 models 8.5 min,
-# width x depth sweep (K up to 8, L up to 3) 5 min, report < 1 min: 26 min in all.
-# Much longer on a busy machine.
+# Design (docs/results.md): reasoning-gym basic_arithmetic, 2 terms, 1-2 digits, "+"; 400 training
+# and 200 held-out questions, split by question text. Proposals: 4 unfiltered samples of the
+# embedded model with the evaluation's sampling. Target: the programmatic teacher's correct
+# worked solution, which reviews the proposals. Arms, all with the same optimizer steps, rows
+# per step, learning rate and teacher solutions, each trained with every seed in SEEDS:
+#   sft      query -> the teacher's solution (sft.jsonl)
+#   aft      query + 4 proposals -> the teacher's review + solution (aft.jsonl)
+#   mix      AFT + SFT: aft.jsonl plus every sft.jsonl row, shuffled (--mode mix --mix_sft_fraction 1)
+#   pseudo   pseudo-aggregation: query + 4 proposals -> the solution without the review (aft_pseudo.jsonl)
+#   base     the untrained model
+# Strategies: greedy, one sample, P&A K=4 L=1, majority of 5 and best-of-5 (verifier ORACLE) at
+# P&A's 5 generations, best-of-4 (ORACLE: the ceiling of selection). The report groups the
+# labels <arm>-s<seed> across training seeds and pairs every arm with SFT greedy.
+# Before any training, step 2 computes what the design can show on the held-out questions
+# (teacher target correct, oracle best-of-4 of the base model's proposals).
+#
+# Every step is resumable: rerun after an interruption and finished work is kept.
+# The previous design (best proposal as target) stays runnable: examples/repro/best_target/run.sh.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-OUT=${OUT:-runs/repro}
-STEPS=${STEPS:-32}          # optimizer steps (x 4 rows = 1 epoch of 130 rows), the same for SFT and AFT
+SMOKE=${SMOKE:-0}
+if [ "$SMOKE" = 1 ]; then
+  OUT=${OUT:-runs/fair-smoke}; N_TRAIN=${N_TRAIN:-16}; N_EVAL=${N_EVAL:-12}; STEPS=${STEPS:-2}
+  SEEDS=${SEEDS:-"1 2"}; SWEEP=${SWEEP:-0}; PERPLEXITY=${PERPLEXITY:-1}
+else
+  OUT=${OUT:-runs/fair}; N_TRAIN=${N_TRAIN:-400}; N_EVAL=${N_EVAL:-200}; STEPS=${STEPS:-100}
+  SEEDS=${SEEDS:-"1 2 3"}; SWEEP=${SWEEP:-1}; PERPLEXITY=${PERPLEXITY:-1}
+fi
 LR=${LR:-3e-4}
-SWEEP=${SWEEP:-1}           # 0 skips the width x depth sweep
+BATCH=4                     # rows per optimizer step; STEPS x BATCH rows seen by every arm
+ARMS=${ARMS:-"sft aft mix pseudo"}
 AFT="python -m aft"
+SPLIT="--eval_size $N_EVAL --pool_size 1000 --split_seed 0"
 log() { echo "[$(date +%H:%M:%S)] $*"; }
 start=$(date +%s)
+mkdir -p "$OUT"
+stamp() { echo "$1 $(( $(date +%s) - start ))" >> "$OUT/timing.txt"; }
 
-log "1/6 on-policy data (130 train prompts, M=8 samples, top K=4 by the verifier, best as target)"
-$AFT data build --config examples/repro/data.yaml --out "$OUT/data"
+log "1/6 training data: $N_TRAIN questions, 4 unfiltered proposals each, program teacher targets"
+$AFT data build --config examples/repro/data.yaml --out "$OUT/data" --n_prompts "$N_TRAIN" $SPLIT
+stamp data
 
-for method in sft aft; do
-  n=$([ $method = sft ] && echo 2 || echo 3)
-  if [ -f "$OUT/$method/metrics.json" ]; then
-    log "$n/6 $method: already trained ($OUT/$method)"; continue
-  fi
-  log "$n/6 train $method: LoRA r16, $STEPS steps of 4 rows, lr $LR (same rows, targets and steps for both)"
-  $AFT train --data "$OUT/data" --mode $method --output_dir "$OUT/$method" --max_steps "$STEPS" \
-    --per_device_train_batch_size 4 --gradient_accumulation_steps 1 --learning_rate "$LR" --seed 42
+log "2/6 ceiling, before training: the same build on the $N_EVAL held-out questions"
+$AFT data build --config examples/repro/data.yaml --out "$OUT/ceiling" --split eval --n_prompts "$N_EVAL" $SPLIT \
+  --no-pseudo_aggregation
+python examples/repro/ceiling.py "$OUT/ceiling" | tee "$OUT/ceiling.json"
+stamp ceiling
+
+log "3/6 train arms ($ARMS) x seeds ($SEEDS): $STEPS steps of $BATCH rows, lr $LR"
+for seed in $SEEDS; do
+  for arm in $ARMS; do
+    dir="$OUT/$arm-s$seed"
+    if [ -f "$dir/metrics.json" ]; then log "  $arm-s$seed: already trained"; continue; fi
+    case $arm in
+      sft) mode=(--mode sft) ;;
+      aft) mode=(--mode aft) ;;
+      mix) mode=(--mode mix --mix_sft_fraction 1.0) ;;
+      pseudo) mode=(--mode aft --aft_file "$OUT/data/aft_pseudo.jsonl") ;;
+      *) echo "unknown arm $arm" >&2; exit 2 ;;
+    esac
+    log "  train $arm-s$seed"
+    $AFT train --data "$OUT/data" "${mode[@]}" --output_dir "$dir" --max_steps "$STEPS" \
+      --per_device_train_batch_size $BATCH --gradient_accumulation_steps 1 --learning_rate "$LR" --seed "$seed"
+    stamp "train-$arm-s$seed"
+  done
 done
 
-log "4/6 evaluate base, SFT and AFT on the 100 held-out questions, 2 seeds"
-for label in base sft aft; do
-  model=$([ $label = base ] && echo smollm2-135m || echo "$OUT/$label")
-  $AFT eval run --config configs/eval_repro.yaml --out "$OUT/eval" --model "$model" --label $label --no-report
+log "4/6 evaluate every model on the $N_EVAL held-out questions"
+labels="base"
+for seed in $SEEDS; do for arm in $ARMS; do labels="$labels $arm-s$seed"; done; done
+for label in $labels; do
+  model=$([ "$label" = base ] && echo smollm2-135m || echo "$OUT/$label")
+  $AFT eval run --config configs/eval_fair.yaml --out "$OUT/eval" --model "$model" --label "$label" \
+    $SPLIT --no-report
+  stamp "eval-$label"
 done
-
 if [ "$SWEEP" = 1 ]; then
-  log "5/6 width x depth sweep of the AFT model (K in 1,2,4,8; L in 0..3; 50 questions, 1 seed)"
-  $AFT eval run --config configs/eval_sweep.yaml --out "$OUT/eval" --model "$OUT/aft" --label aft-sweep --no-report
+  first=${SEEDS%% *}
+  log "   width x depth sweep of aft-s$first (K 1,2,4,8 x L 0,1,2; 50 questions)"
+  $AFT eval run --config configs/eval_fair.yaml --out "$OUT/eval" --model "$OUT/aft-s$first" --label aft-sweep \
+    $SPLIT --strategies sample --sweep --sweep_k 1 2 4 8 --sweep_l 0 1 2 --limit 50 --no-report
+  stamp sweep
+fi
+
+if [ "$PERPLEXITY" = 1 ]; then
+  first=${SEEDS%% *}
+  log "5/6 perplexity of the held-out targets (they cannot be copied from the proposals)"
+  $AFT analyze perplexity --data "$OUT/ceiling" --model smollm2-135m "$OUT/sft-s$first" "$OUT/aft-s$first" \
+    --output_dir "$OUT/perplexity"
+  stamp perplexity
 fi
 
 log "6/6 report"
-$AFT eval report "$OUT/eval" --title "AFT at small scale: SmolLM2-135M on reasoning-gym basic_arithmetic (1 digit, + -)"
+$AFT eval report "$OUT/eval" --title "A fair test of AFT at small scale: SmolLM2-135M, basic_arithmetic 1-2 digits +"
 end=$(date +%s)
+cpu=$(times | tail -1)      # user and system CPU time of every step (the children of this script)
 {
-  echo "# Reproduction: AFT at small scale on this machine"
+  echo "# A fair test of AFT at small scale: measured on this machine"
   echo
-  echo "Command: \`bash examples/repro/run.sh\` (OUT=$OUT STEPS=$STEPS LR=$LR SWEEP=$SWEEP)."
-  echo "Machine: $(nproc) CPU cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), no GPU,"
+  echo "Command: \`SMOKE=$SMOKE bash examples/repro/run.sh\` (OUT=$OUT N_TRAIN=$N_TRAIN N_EVAL=$N_EVAL STEPS=$STEPS"
+  echo "SEEDS=\"$SEEDS\" ARMS=\"$ARMS\" LR=$LR SWEEP=$SWEEP)."
+  echo "Machine: $(nproc) CPU cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)),"
   echo "$(free -g | awk '/Mem:/{print $2}') GiB memory; python $(python -c 'import platform; print(platform.python_version())'),"
   echo "torch $(python -c 'import torch; print(torch.__version__)'), transformers $(python -c 'import transformers; print(transformers.__version__)')."
-  echo "Wall time of the whole run: $(( (end - start) / 60 )) min (steps already done before this invocation not counted)."
+  echo "Wall time of this invocation: $(( (end - start) / 60 )) min (steps done before it not counted; per step: $OUT/timing.txt);"
+  echo "CPU time of its steps: user $(echo "$cpu" | cut -d' ' -f1), system $(echo "$cpu" | cut -d' ' -f2)."
   echo
-  echo "Data card: $OUT/data/data_card.md. Training metrics: $OUT/sft/metrics.json, $OUT/aft/metrics.json."
+  echo "Ceiling, computed before training on the held-out questions:"
+  echo '```'
+  cat "$OUT/ceiling.json"
+  echo '```'
   echo
   sed -n '2,$p' "$OUT/eval/report.md" | sed "s#](\(acc_vs\|width_depth\)#]($OUT/eval/\1#g"
+  if [ -f "$OUT/perplexity/perplexity.json" ]; then echo; echo "Perplexity: $OUT/perplexity/"; fi
 } > "$OUT/results.md"
-log "done in $(( (end - start) / 60 )) min: $OUT/results.md (copy it to docs/results.md with the plots)"
+log "done in $(( (end - start) / 60 )) min (CPU: $cpu): $OUT/results.md"

@@ -2,8 +2,10 @@
 
 The "model" answers each held-out question with the first line of its prompt
 ("Calculate 0 + 9."), as an endpoint that echoes its input would. Counted on the
-two held-out sets the issue names: the repro's arith1pos (100 questions) and
-basic_arithmetic 1-2 digits "+" (100 questions).
+held-out sets the issue names: the previous repro's arith1pos (100 questions),
+basic_arithmetic 1-2 digits "+" with reasoning-gym's default negation and
+parentheses (100), and the fair design's task (1-2 digits "+", no negation or
+parentheses; its 200 held-out questions).
 
     python examples/repro/verifier_restatements.py                       # this checkout's verifier
     git show 14d43c7:src/aft/data/verify.py > /tmp/old_verify.py
@@ -22,7 +24,11 @@ TASKS = {
                              "operators": ["+", "-"], "allow_negation": False, "allow_parentheses": False}},
     "add12": {"rg": "basic_arithmetic", "name": "add12",
               "config": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2, "operators": ["+"]}},
+    "add12pos": {"rg": "basic_arithmetic", "name": "add12pos",
+                 "config": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2, "operators": ["+"],
+                            "allow_negation": False, "allow_parentheses": False}},
 }
+EVAL_SIZE = {"add12pos": 200}
 
 
 def main() -> None:
@@ -36,7 +42,7 @@ def main() -> None:
     else:
         from aft.data import verify as mod
     for name, spec in TASKS.items():
-        task = load_task(spec, eval_size=100, pool_size=1000, split_seed=0)
+        task = load_task(spec, eval_size=EVAL_SIZE.get(name, 100), pool_size=1000, split_seed=0)
         credited = 0
         for it in task.items:
             echo = it.query[-1]["content"].splitlines()[0]

@@ -29,6 +29,7 @@ from .stats import bootstrap_ci, paired_difference
 log = logging.getLogger(__name__)
 
 _FILE = re.compile(r"^(?P<strategy>.+)\.seed(?P<seed>-?\d+)\.jsonl$")
+_ARM = re.compile(r"^(?P<arm>.+)-s(?P<seed>\d+)$")  # label of one training seed of an arm: "aft-s2"
 _PA = re.compile(r"^pa-k(\d+)-l(\d+)$")
 
 
@@ -133,6 +134,61 @@ def _diagnostics_section(trows: list[dict]) -> list[str]:
     return lines + [""]
 
 
+def arms(trows: list[dict]) -> dict:
+    """{(arm, strategy): [rows]}: labels "<arm>-s<training seed>" grouped into their arm (other labels are an
+    arm of one), when at least one label names a training seed."""
+    if not any(_ARM.match(r["label"]) for r in trows):
+        return {}
+    out: dict = {}
+    for r in trows:
+        m = _ARM.match(r["label"])
+        out.setdefault((m["arm"] if m else r["label"], r["strategy"]), []).append(r)
+    return out
+
+
+def _stack(rows: list[dict]) -> tuple[list[str], list[list[float]]]:
+    """The scores of several runs on their common questions: one row per (training seed, eval seed)."""
+    common = sorted(set.intersection(*(set(r["_ids"]) for r in rows)))
+    stacked = []
+    for r in rows:
+        idx = {q: i for i, q in enumerate(r["_ids"])}
+        stacked += [[row[idx[q]] for q in common] for row in r["_scores"]]
+    return common, stacked
+
+
+def _arms_section(trows: list[dict], n_boot: int) -> list[str]:
+    """Each arm over its training seeds: accuracy with a bootstrap over training seeds and questions, and the
+    paired difference of each arm and strategy from SFT greedy (the baseline the paper's claim is about)."""
+    groups = arms(trows)
+    if not groups:
+        return []
+    from .stats import bootstrap_ci, paired_difference
+
+    lines = ["Across training seeds (labels <arm>-s<seed>): accuracy [95% bootstrap interval resampling training "
+             "seeds and questions]; paired difference from SFT greedy on the same questions:", "",
+             "| arm | strategy | training seeds | accuracy [95% CI] | no answer | minus SFT greedy [95% CI] |",
+             "|---|---|---|---|---|---|"]
+    base = groups.get(("sft", "greedy"))
+    base_ids, base_scores = _stack(base) if base else (None, None)
+    for (arm, strategy), rows in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[1][0]["total_tokens"])):
+        ids, scores = _stack(rows)
+        mean, lo, hi = bootstrap_ci(scores, n_boot=n_boot)
+        seeds = [(_ARM.match(r["label"]) or {"seed": "-"})["seed"] for r in rows]
+        na = [r["no_answer"] for r in rows if r.get("no_answer") is not None]
+        diff = "-"
+        if base and (arm, strategy) != ("sft", "greedy"):
+            common = sorted(set(ids) & set(base_ids))
+            a = [[row[ids.index(q)] for q in common] for row in scores]
+            b = [[row[base_ids.index(q)] for q in common] for row in base_scores]
+            if len(a) != len(b):
+                a, b = (a * len(b), b) if len(a) == 1 else (a, b * len(a)) if len(b) == 1 else (a, b)
+            d, dlo, dhi = paired_difference(a, b, n_boot=n_boot)
+            diff = f"{d:+.3f} [{dlo:+.3f}, {dhi:+.3f}]"
+        lines.append(f"| {arm} | {rows[0]['strategy_label']} | {', '.join(seeds)} | {mean:.3f} [{lo:.3f}, {hi:.3f}] | "
+                     f"{'-' if not na else format(sum(na) / len(na), '.0%')} | {diff} |")
+    return lines + [""]
+
+
 def _fmt_flops(x):
     return "-" if x is None else f"{x / 1e9:.1f}"
 
@@ -201,6 +257,7 @@ def write_report(out: str | Path, n_boot: int = 2000, title: str = "Evaluation r
                 f"{'-' if r['no_answer'] is None else format(r['no_answer'], '.0%')} |")
         lines.append("")
         lines += _diagnostics_section(trows)
+        lines += _arms_section(trows, n_boot)
         lines += _paired_section(trows, labels)
         for kind, fname in (("tokens", f"acc_vs_tokens-{task}.png"), ("flops", f"acc_vs_flops-{task}.png")):
             if _plot_compute(trows, out / fname, kind, task):
