@@ -156,3 +156,24 @@ def test_pseudo_aggregation_with_a_teacher_model_asks_it_the_query_alone(tmp_pat
 def test_pseudo_aggregation_needs_a_teacher(tmp_path):
     with pytest.raises(AftError, match="pseudo_aggregation needs --target teacher"):
         run_build(_cfg(tmp_path, target="best", pseudo_aggregation=True), Resources(proposer=ScriptedEngine()))
+
+
+def test_ceiling_of_the_fair_design_on_known_proposals(tmp_path):
+    """examples/repro/ceiling.py on rows whose proposals are known: samples right, off by one, restated, cut."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "ceiling", Path(__file__).resolve().parents[1] / "examples" / "repro" / "ceiling.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    run_build(_cfg(tmp_path, scorer="verifier"), Resources(proposer=ScriptedEngine(script=(1, 2, 0, 3))))
+    c = mod.ceiling(tmp_path / "data")
+    # right and right-but-cut are correct: 2 of 4 per question
+    assert c == {"questions": 8, "teacher_target_correct": 1.0, "target_copies_a_proposal": 0.0,
+                 "oracle_best_of_4": 1.0, "by_correct_proposals": {"0": 0, "1": 0, "2+": 8, "all": 0}}
+    run_build(_cfg(tmp_path, out=str(tmp_path / "wrong"), scorer="verifier"),
+              Resources(proposer=ScriptedEngine(script=(1, 2))))
+    c = mod.ceiling(tmp_path / "wrong")
+    assert c["oracle_best_of_4"] == 0.0 and c["teacher_target_correct"] == 1.0
+    assert c["by_correct_proposals"]["0"] == 8
