@@ -33,6 +33,7 @@ else
   SEEDS=${SEEDS:-"1 2 3"}; SWEEP=${SWEEP:-1}; PERPLEXITY=${PERPLEXITY:-1}
 fi
 LR=${LR:-3e-4}
+SWEEP_ARM=${SWEEP_ARM:-aft}  # the arm whose first seed gets the width x depth sweep
 BATCH=4                     # rows per optimizer step; STEPS x BATCH rows seen by every arm
 ARMS=${ARMS:-"sft aft mix pseudo"}
 AFT="python -m aft"
@@ -40,7 +41,8 @@ SPLIT="--eval_size $N_EVAL --pool_size 1000 --split_seed 0"
 log() { echo "[$(date +%H:%M:%S)] $*"; }
 start=$(date +%s)
 mkdir -p "$OUT"
-stamp() { echo "$1 $(( $(date +%s) - start ))" >> "$OUT/timing.txt"; }
+# after each step: its name, wall seconds since the start, and user/system CPU of all steps so far
+stamp() { echo "$1 wall_s=$(( $(date +%s) - start )) cpu_user_sys=$(times | tail -1 | tr ' ' '/')" >> "$OUT/timing.txt"; }
 
 log "1/6 training data: $N_TRAIN questions, 4 unfiltered proposals each, program teacher targets"
 $AFT data build --config examples/repro/data.yaml --out "$OUT/data" --n_prompts "$N_TRAIN" $SPLIT
@@ -82,8 +84,9 @@ for label in $labels; do
 done
 if [ "$SWEEP" = 1 ]; then
   first=${SEEDS%% *}
-  log "   width x depth sweep of aft-s$first (K 1,2,4,8 x L 0,1,2; 50 questions)"
-  $AFT eval run --config configs/eval_fair.yaml --out "$OUT/eval" --model "$OUT/aft-s$first" --label aft-sweep \
+  log "   width x depth sweep of $SWEEP_ARM-s$first (K 1,2,4,8 x L 0,1,2; 50 questions)"
+  $AFT eval run --config configs/eval_fair.yaml --out "$OUT/eval" --model "$OUT/$SWEEP_ARM-s$first" \
+    --label "$SWEEP_ARM-sweep" \
     $SPLIT --strategies sample --sweep --sweep_k 1 2 4 8 --sweep_l 0 1 2 --limit 50 --no-report
   stamp sweep
 fi
@@ -104,7 +107,7 @@ cpu=$(times | tail -1)      # user and system CPU time of every step (the childr
   echo "# A fair test of AFT at small scale: measured on this machine"
   echo
   echo "Command: \`SMOKE=$SMOKE bash examples/repro/run.sh\` (OUT=$OUT N_TRAIN=$N_TRAIN N_EVAL=$N_EVAL STEPS=$STEPS"
-  echo "SEEDS=\"$SEEDS\" ARMS=\"$ARMS\" LR=$LR SWEEP=$SWEEP)."
+  echo "SEEDS=\"$SEEDS\" ARMS=\"$ARMS\" LR=$LR SWEEP=$SWEEP SWEEP_ARM=$SWEEP_ARM)."
   echo "Machine: $(nproc) CPU cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)),"
   echo "$(free -g | awk '/Mem:/{print $2}') GiB memory; python $(python -c 'import platform; print(platform.python_version())'),"
   echo "torch $(python -c 'import torch; print(torch.__version__)'), transformers $(python -c 'import transformers; print(transformers.__version__)')."
