@@ -20,6 +20,10 @@
 # Before any training, step 2 computes what the design can show on the held-out questions
 # (teacher target correct, oracle best-of-4 of the base model's proposals).
 #
+# Time, estimated from measured rates (docs/results.md, "Smoke run and pilot"): on two quiet
+# cores about 2.7 hours with STEPS=50 (training ~1.8 h: an AFT step of 4 rows of ~340 tokens
+# takes ~17 s at the measured 80 tokens/s), about 1.8 hours with STEPS=25. On a busy machine,
+# OMP_NUM_THREADS=1 avoids the threads waiting on each other.
 # Every step is resumable: rerun after an interruption and finished work is kept.
 # The previous design (best proposal as target) stays runnable: examples/repro/best_target/run.sh.
 set -euo pipefail
@@ -29,7 +33,7 @@ if [ "$SMOKE" = 1 ]; then
   OUT=${OUT:-runs/fair-smoke}; N_TRAIN=${N_TRAIN:-16}; N_EVAL=${N_EVAL:-12}; STEPS=${STEPS:-2}
   SEEDS=${SEEDS:-"1 2"}; SWEEP=${SWEEP:-0}; PERPLEXITY=${PERPLEXITY:-1}
 else
-  OUT=${OUT:-runs/fair}; N_TRAIN=${N_TRAIN:-400}; N_EVAL=${N_EVAL:-200}; STEPS=${STEPS:-100}
+  OUT=${OUT:-runs/fair}; N_TRAIN=${N_TRAIN:-400}; N_EVAL=${N_EVAL:-200}; STEPS=${STEPS:-50}
   SEEDS=${SEEDS:-"1 2 3"}; SWEEP=${SWEEP:-1}; PERPLEXITY=${PERPLEXITY:-1}
 fi
 LR=${LR:-3e-4}
@@ -42,7 +46,9 @@ log() { echo "[$(date +%H:%M:%S)] $*"; }
 start=$(date +%s)
 mkdir -p "$OUT"
 # after each step: its name, wall seconds since the start, and user/system CPU of all steps so far
-stamp() { echo "$1 wall_s=$(( $(date +%s) - start )) cpu_user_sys=$(times | tail -1 | tr ' ' '/')" >> "$OUT/timing.txt"; }
+# (`times` runs in this shell, not in a $(...) subshell, which would report its own children only)
+stamp() { local c; times > "$OUT/.times"; c=$(tail -1 "$OUT/.times" | tr ' ' '/')
+  echo "$1 wall_s=$(( $(date +%s) - start )) cpu_user/sys=$c" >> "$OUT/timing.txt"; }
 
 log "1/6 training data: $N_TRAIN questions, 4 unfiltered proposals each, program teacher targets"
 $AFT data build --config examples/repro/data.yaml --out "$OUT/data" --n_prompts "$N_TRAIN" $SPLIT
@@ -95,14 +101,14 @@ if [ "$PERPLEXITY" = 1 ]; then
   first=${SEEDS%% *}
   log "5/6 perplexity of the held-out targets (they cannot be copied from the proposals)"
   $AFT analyze perplexity --data "$OUT/ceiling" --model smollm2-135m "$OUT/sft-s$first" "$OUT/aft-s$first" \
-    --output_dir "$OUT/perplexity"
+    --max_rows 100 --output_dir "$OUT/perplexity"
   stamp perplexity
 fi
 
 log "6/6 report"
 $AFT eval report "$OUT/eval" --title "A fair test of AFT at small scale: SmolLM2-135M, basic_arithmetic 1-2 digits +"
 end=$(date +%s)
-cpu=$(times | tail -1)      # user and system CPU time of every step (the children of this script)
+times > "$OUT/.times"; cpu=$(tail -1 "$OUT/.times")   # user and system CPU time of every step
 {
   echo "# A fair test of AFT at small scale: measured on this machine"
   echo
