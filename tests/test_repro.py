@@ -17,8 +17,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_training_proposals_are_sampled_as_evaluation_samples_them():
     data = data_config(str(ROOT / "examples/repro/data.yaml"), {})
     ev = eval_config(str(ROOT / "configs/eval_fair.yaml"), {})
-    for key in ("temperature", "top_p", "top_k", "max_tokens"):
-        assert getattr(data, key) == getattr(ev, key), key
+    assert data.sampling == ev.sampling == "configs/sampling_fair.yaml"  # one setting, read by both
+    d, e = data.sampling_settings(), ev.sampling_settings()
+    assert d.params(4) == e.params(4)  # the training proposals are drawn as P&A's proposals
+    assert (e.temperature, e.top_p, e.top_k, e.max_tokens, e.final_layer_temperature) == (0.7, 0.95, 50, 96, 0.0)
     assert data.select == "all" and data.m == data.k == 4  # unfiltered, as P&A's K=4 proposals
     assert data.target == "teacher" and data.teacher == "program" and data.pseudo_aggregation
     task = yaml.safe_load((ROOT / "configs/eval_fair.yaml").read_text())["tasks"][0]
