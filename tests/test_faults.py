@@ -116,11 +116,6 @@ def snapshot(folder: Path) -> dict:
     return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def aft(*args, **kw):
-    return subprocess.Popen([sys.executable, "-m", "aft", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "AFT_PROGRESS": ""}, **kw)
-
-
 # ------------------------------------------------------------------ 1. two writers
 HOLD = """
 import sys, time
