@@ -62,6 +62,7 @@ def test_embedded_model_end_to_end_and_resume(tmp_path, embedded_dir, capsys, mo
     assert rows(out) == got
 
 
+@pytest.mark.slow  # loads a model three times (tests/test_hf_engine.py checks seeds on the engine itself)
 def test_same_seed_same_answers(tmp_path, tiny_model_dir, capsys):
     inp = write_jsonl(tmp_path / "q.jsonl", QUESTIONS)
     outs = []
@@ -73,6 +74,7 @@ def test_same_seed_same_answers(tmp_path, tiny_model_dir, capsys):
     assert outs[0] == outs[1] and outs[0] != outs[2]
 
 
+@pytest.mark.slow  # a second Python process loading torch and a model
 def test_kill_9_loses_only_queries_in_flight(tmp_path, tiny_model_dir, capsys):
     """The one test that runs `aft infer` as its own process: it has to be killed."""
     qs = [{"id": f"q{i}", "prompt": f"Question number {i}?"} for i in range(8)]

@@ -364,6 +364,7 @@ def tiny_embedded(tmp_path, monkeypatch, tokenizer):
     return folder
 
 
+@pytest.mark.slow  # trains (TRL) three times
 def test_train_killed_while_saving_resumes_from_the_last_complete_checkpoint(tmp_path, capsys, caplog,
                                                                              tiny_embedded):
     from aft.models import resolve

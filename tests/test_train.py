@@ -99,6 +99,7 @@ def test_base_model_without_template_gets_chatml_with_its_eos(tok):
 
 
 # ------------------------------------------------------------------ training works
+@pytest.mark.slow  # trains (TRL)
 def test_few_steps_reduce_loss_and_write_outputs(tiny_dir, tmp_path):
     from aft.cli import main
 
@@ -119,6 +120,7 @@ def test_few_steps_reduce_loss_and_write_outputs(tiny_dir, tmp_path):
     assert resolve(str(out)).path == str(out)
 
 
+@pytest.mark.slow  # trains (TRL)
 def test_adapter_reload_and_merge_match_in_memory(tiny_dir, tmp_path, tok):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -141,6 +143,7 @@ def test_adapter_reload_and_merge_match_in_memory(tiny_dir, tmp_path, tok):
     assert (res.merged_dir / "chat_template.jinja").exists()
 
 
+@pytest.mark.slow  # trains (TRL) twice
 def test_resume_from_last_checkpoint(tiny_dir, tmp_path):
     out = tmp_path / "resume"
     kw = dict(save_steps=1, resume=True, per_device_train_batch_size=2)
