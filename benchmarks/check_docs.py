@@ -78,7 +78,7 @@ def commands(body: list[str]) -> list[str]:
 
 def shrink(cmd: str) -> str:
     cmd = INSTALL.sub("", cmd)
-    plain = re.sub(r"^/usr/bin/time -v ", "", cmd).replace("python -m aft ", "aft ")
+    plain = re.sub(r"^(\w+=\S*\s+)*(/usr/bin/time -v )?", "", cmd).replace("python -m aft ", "aft ")  # env, time
     if any(k in plain for k in NO_SHRINK):
         return cmd
     for prefix, flags in SHRINK.items():
