@@ -309,7 +309,29 @@ def _paired_section(trows: list[dict], labels: list[str]) -> list[str]:
 
 _COLORS = {"greedy": "tab:blue", "sample": "tab:gray", "pa": "tab:red", "best_of_n": "tab:green",
            "majority": "tab:purple"}
-_MARKERS = "osD^vP*X"
+_MARKERS = "osD^vP*Xhp<>d"
+
+
+_LABEL_OFFSETS = [(4, 3), (4, -10), (4, 12), (4, -19), (4, 21), (4, -28), (4, 30)]
+
+
+def _place_labels(fig, ax, notes) -> None:
+    """Move each point's label to the first offset where it overlaps no label placed before it and no
+    marker, so labels of close points stack instead of printing over each other; a label with no free
+    place is hidden (its point's colour and marker still say what it is)."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    markers = [ax.transData.transform(n.xy) for n in notes]
+    placed = []
+    for note in notes:
+        for dx, dy in _LABEL_OFFSETS + [(-4 - len(note.get_text()) * 4, 3)]:
+            note.set_position((dx, dy))
+            box = note.get_window_extent(renderer).expanded(1.02, 1.1)
+            if not any(box.overlaps(b) for b in placed) and not any(box.contains(x, y) for x, y in markers):
+                placed.append(box)
+                break
+        else:  # no free place near its point: the point keeps its colour and marker, the label goes
+            note.set_visible(False)
 
 
 def _plot_compute(trows, path: Path, kind: str, task: str) -> bool:
@@ -324,25 +346,31 @@ def _plot_compute(trows, path: Path, kind: str, task: str) -> bool:
 
     labels = list(dict.fromkeys(r["label"] for r in pts))
     fig, ax = plt.subplots(figsize=(7.5, 5))
-    seen = set()
+    notes = []
     for r in pts:
         mk = _MARKERS[labels.index(r["label"]) % len(_MARKERS)]
         color = _COLORS.get(r["kind"], "black")
-        legend = f"{r['label']}: {r['kind']}"
         ax.errorbar(r[key], r["accuracy"], yerr=[[r["accuracy"] - r["ci_low"]], [r["ci_high"] - r["accuracy"]]],
-                    fmt=mk, color=color, mfc="none" if r["oracle"] else color, capsize=3,
-                    label=None if legend in seen else legend)
-        seen.add(legend)
-        ax.annotate(r["strategy"] + (" (oracle)" if r["oracle"] else ""), (r[key], r["accuracy"]), fontsize=7,
-                    xytext=(4, 3), textcoords="offset points")
+                    fmt=mk, color=color, mfc="none" if r["oracle"] else color, capsize=3)
+        notes.append(ax.annotate(r["strategy"] + (" (oracle)" if r["oracle"] else ""), (r[key], r["accuracy"]),
+                                 fontsize=7, xytext=(4, 3), textcoords="offset points"))
     ax.set_xscale("log")
     ax.set_xlabel("tokens processed per query (prompt + generated)" if kind == "tokens"
                   else "FLOPs per query (2 x parameters x tokens)")
     ax.set_ylabel("accuracy (95% CI)")
     ax.set_title(f"{task}: accuracy versus compute")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    # One legend entry per model (marker) and per strategy kind (colour), beside the axes, never on points.
+    from matplotlib.lines import Line2D
+
+    kinds = list(dict.fromkeys(r["kind"] for r in pts))
+    handles = [Line2D([], [], ls="", marker="o", color=_COLORS.get(k, "black"), label=k) for k in kinds]
+    handles += [Line2D([], [], ls="", marker=_MARKERS[i % len(_MARKERS)], color="black", mfc="none", label=lab)
+                for i, lab in enumerate(labels)]
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0,
+              title="hollow = oracle; labels\nhidden where they would\ncover others", title_fontsize=6)
     fig.tight_layout()
+    _place_labels(fig, ax, notes)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
