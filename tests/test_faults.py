@@ -443,9 +443,12 @@ def test_progress_is_logged_with_tokens_per_second_when_stderr_is_not_a_terminal
     assert main(["infer", "-i", str(inp), "-o", str(tmp_path / "o.jsonl"), "-m", echo_url, "-k", "2", "-l", "1",
                  "--batch_size", "1"]) == 0
     lines = [r.getMessage() for r in caplog.records if r.name == "aft.progress"]
-    assert any(re.match(r"propose-and-aggregate: 1/3 queries \(33%\), \d+ tok/s, \d+s elapsed, ~\d+s left", x)
-               for x in lines), lines
-    assert lines[-1].startswith("propose-and-aggregate: 3/3 queries (100%)")
+    # which lines fall due depends on timing (one every millisecond at most); the pattern does not, and the
+    # finished line is always written
+    assert len(lines) >= 2, lines
+    assert all(re.match(r"propose-and-aggregate: [0-3]/3 queries \(\d+%\), (layer \d/1, )?\d+ tok/s, \d+s elapsed"
+                        r"(, ~\d+s left)?$", x) for x in lines), lines
+    assert re.match(r"propose-and-aggregate: 3/3 queries \(100%\), \d+ tok/s, \d+s elapsed", lines[-1]), lines
     monkeypatch.setenv("AFT_PROGRESS", "0")  # off
     caplog.clear()
     assert main(["infer", "-i", str(inp), "-o", str(tmp_path / "o2.jsonl"), "-m", echo_url, "-k", "2"]) == 0
