@@ -26,20 +26,26 @@ log = logging.getLogger(__name__)
 def read_text(path: str | Path, what: str = "file") -> str:
     """A whole UTF-8 text file; a missing, unreadable or non-UTF-8 file is an AftError naming it (and the line)."""
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise AftError(f"{path}: no such {what}") from None
-    except IsADirectoryError:
-        raise AftError(f"{path}: is a folder, not a {what}") from None
-    except OSError as e:
-        raise AftError(f"{path}: cannot read: {e.strerror}") from None
+    with _open(path, what) as f:
+        data = f.read()
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
         raise AftError(f"{path}:{line}: {_not_utf8(data[e.start], column)}") from None
+
+
+def _open(path: Path, what: str, folder_hint: str | None = None):
+    """`path` opened for reading bytes; a missing, folder or unreadable path is an AftError naming it."""
+    try:
+        return open(path, "rb")
+    except FileNotFoundError:
+        raise AftError(f"{path}: no such {what}") from None
+    except IsADirectoryError:
+        raise AftError(f"{path}: is a folder, not {folder_hint or 'a ' + what}") from None
+    except OSError as e:
+        raise AftError(f"{path}: cannot read: {e.strerror}") from None
 
 
 def _not_utf8(byte: int, column: int) -> str:
@@ -54,15 +60,7 @@ def read_jsonl(path: str | Path, bad_lines: str = "raise") -> Iterator[tuple[int
     record (for callers that skip bad rows), and reading goes on.
     """
     path = Path(path)
-    try:
-        f = open(path, "rb")
-    except FileNotFoundError:
-        raise AftError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise AftError(f"{path}: is a folder, not a JSONL file") from None
-    except OSError as e:
-        raise AftError(f"{path}: cannot read: {e.strerror}") from None
-    with f:
+    with _open(path, "file", "a JSONL file") as f:
         for lineno, raw in enumerate(f, 1):
             try:
                 rec = _parse_line(raw, lineno == 1)
