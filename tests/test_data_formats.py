@@ -246,6 +246,7 @@ def test_shards_concatenate_to_the_unsharded_output(tmp_path):
     assert card["counts"] == json.loads((full / "data_card.json").read_text())["counts"]
 
 
+@pytest.mark.slow  # two aft processes
 def test_two_processes_build_shards_then_merge_equals_one_process(tmp_path, capsys):
     """`aft data build --shard i/2` as two processes at once into one --out, then `aft data merge`: the rows of
     the unsharded build (the one data-build test that starts real processes)."""

@@ -249,7 +249,7 @@ def start_server(engine: Engine, host: str = "127.0.0.1", port: int = 0, **opts)
     Options: honour_n (default True), model_name (default engine.model).
     """
     server = ChatServer(engine, host, port, **opts)
-    threading.Thread(target=server.serve_forever, name="aft-serve", daemon=True).start()
+    threading.Thread(target=server.serve_forever, args=(0.05,), name="aft-serve", daemon=True).start()
     return server, server.base_url
 
 
