@@ -56,6 +56,7 @@ lengths (the sum is exact, each share is an estimate; exact when n == 1).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -66,12 +67,13 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 import openai
 
 from ..errors import AftError
+from .args import EngineArgs
 from .base import Completion, Engine, Request, Result, SamplingParams, sample_seeds
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TIMEOUT = 300.0  # seconds per attempt of one call
-DEFAULT_MAX_RETRIES = 2
+# Defaults declared once, with the options (engines/args.py), for code that builds the engine directly.
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(EngineArgs)}
 
 # Status codes with which a server refuses n > 1 (llama.cpp: 500 "Only one completion choice is allowed").
 _REFUSES_N = {400, 422, 500, 501}
@@ -92,7 +94,8 @@ class OpenAIEngine(Engine):
     name = "openai"
 
     def __init__(self, base_url: str, model: str | None = None, api_key: str | None = None,
-                 max_concurrency: int = 8, timeout: float = DEFAULT_TIMEOUT, max_retries: int = DEFAULT_MAX_RETRIES,
+                 max_concurrency: int = _DEFAULTS["max_concurrency"], timeout: float = _DEFAULTS["timeout"],
+                 max_retries: int = _DEFAULTS["max_retries"],
                  tokenizer=None, context_window: int | None = None):
         """base_url like "http://host:8000/v1"; model "" or None = the server's first model.
 
