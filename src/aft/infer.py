@@ -28,19 +28,16 @@ SAMPLE_QUESTIONS = Path(__file__).parent / "resources" / "sample_questions.jsonl
 
 
 @dataclass
-class InferConfig(EngineArgs, sampling_args("aft"), ResumeArgs):
-    input_file: str | None = cfglib.opt(None, "input JSONL ({'query': [...]}, {'messages': [...]}, {'prompt': ...} "
-                                        "or {'instruction': ...}); default: the bundled sample questions",
-                                        flags=("-i",))
-    output_file: str | None = cfglib.opt(None, "output JSONL (appended, resumable); default: "
-                                         "runs/infer/<input>-<config hash>.jsonl", flags=("-o",))
+class PAArgs:
+    """The propose-and-aggregate options of a command that runs P&A (`aft infer`, `aft serve`): YAML keys
+    and flags; with the sampling settings (sampling_args) they make the PAConfig."""
+
     n: int = cfglib.opt(5, "width K: proposals (and aggregations) per layer", flags=("-k",), ge=1)
     num_aggregation: int = cfglib.opt(2, "depth L: aggregation layers, the final one included", flags=("-l",), ge=0)
     seed: int = cfglib.opt(2024, "seed; each query and layer derives its own from it and the query id")
     style: str = cfglib.opt("aft", "prompt style (aft = the released checkpoints' prompts)", choices=STYLES)
     template_file: str | None = cfglib.opt(None, "a file with your own aggregator preamble (overrides style)")
     shuffle: bool = cfglib.opt(False, "shuffle the proposals' order (seeded) before each aggregation")
-    batch_size: int = cfglib.opt(8, "queries advanced together through the layers", ge=1, run=True)
 
     def pa(self) -> PAConfig:
         return PAConfig(n=self.n, num_aggregation=self.num_aggregation, sampling=self.sampling_settings(),
@@ -48,6 +45,16 @@ class InferConfig(EngineArgs, sampling_args("aft"), ResumeArgs):
 
     def check(self) -> None:
         plan(self.pa())  # checks style / template file and the layers
+
+
+@dataclass
+class InferConfig(EngineArgs, sampling_args("aft"), PAArgs, ResumeArgs):
+    input_file: str | None = cfglib.opt(None, "input JSONL ({'query': [...]}, {'messages': [...]}, {'prompt': ...} "
+                                        "or {'instruction': ...}); default: the bundled sample questions",
+                                        flags=("-i",))
+    output_file: str | None = cfglib.opt(None, "output JSONL (appended, resumable); default: "
+                                         "runs/infer/<input>-<config hash>.jsonl", flags=("-o",))
+    batch_size: int = cfglib.opt(8, "queries advanced together through the layers", ge=1, run=True)
 
 
 # Keys of the official AFT config (configs/default.yaml of the released code) -> ours.
