@@ -101,13 +101,13 @@ def check_sdpa_layout(device: str, small: bool) -> None:
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from aft.engines.hf import _buffer_layer_class
+    from aft.engines.hf.cache import buffer_layer_class
 
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     B, H, T, D = (2, 4, 64, 64) if small else (4, 32, 4096, 128)
     q = torch.randn(B, H, T, D, device=device, dtype=dtype)
     k, v = torch.randn_like(q), torch.randn_like(q)
-    layer = _buffer_layer_class()(T + 16)
+    layer = buffer_layer_class()(T + 16)
     keys, values = layer.update(k, v)  # our layout on this device
     transposed = torch.empty(B, H, D, T + 16, device=device, dtype=dtype).transpose(-1, -2)[:, :, :T]
     transposed.copy_(k)  # the CPU layout, on this device: last dimension strided

@@ -4,7 +4,7 @@
 
 1. Decode attention (one query token per row, bf16, the engine's cache layout): SDPA as
    transformers calls it (query heads packed per key/value head, boolean padding mask)
-   against `aft.engines.hf._decode_attention`, per layer call, at 32 rows x 200 positions
+   against `aft.engines.hf.attention.decode_attention`, per layer call, at 32 rows x 200 positions
    (P&A layer 0) and 8 rows x 700 positions (the final layer).
 2. Prefill of 8 aggregator-sized prompts (500-670 tokens) on the embedded model: one
    left-padded batch with its mask (what `generate` does) against the engine's prefill
@@ -18,7 +18,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from aft.engines.hf import HFEngine, _decode_attention, _preallocated_cache
+from aft.engines.hf import HFEngine, attention
+from aft.engines.hf.cache import preallocated_cache
 from aft.models import embedded_model_dir
 
 
@@ -42,7 +43,7 @@ def decode_attention():
         mask = torch.ones(rows, 1, 1, positions, dtype=torch.bool)
         mask[0, ..., :50] = False
         sdpa = timed(lambda: F.scaled_dot_product_attention(q.view(rows, 3, 3, 64), k, v, attn_mask=mask), 200)
-        ours = timed(lambda: _decode_attention(q, k, v, mask, None), 200)
+        ours = timed(lambda: attention.decode_attention(q, k, v, mask, None), 200)
         print(f"decode attention, {rows} rows x {positions} positions: SDPA {sdpa * 1e3:.3f} ms, "
               f"ours {ours * 1e3:.3f} ms a layer ({sdpa / ours:.1f}x)")
 
@@ -52,7 +53,7 @@ def prefill():
     eng = HFEngine.load(str(embedded_model_dir()), dtype="bfloat16", device="cpu")
     rng = random.Random(0)
     prompts = [[rng.randrange(100, 40000) for _ in range(n)] for n in (501, 628, 671, 620, 670, 580, 661, 667)]
-    padded = timed(lambda: eng._prefill_padded(prompts, _preallocated_cache(eng.lm.config, 700)), 3)
+    padded = timed(lambda: eng._prefill_padded(prompts, preallocated_cache(eng.lm.config, 700)), 3)
     grouped = timed(lambda: eng._prefill(prompts, 700), 3)
     print(f"prefill of 8 prompts ({sum(map(len, prompts))} tokens): one padded batch with a mask {padded:.2f} s, "
           f"grouped by length without padding {grouped:.2f} s ({padded / grouped:.2f}x)")

@@ -227,10 +227,10 @@ def test_merge_under_a_live_zero3_config_loads_on_this_process_alone(tiny_dir, t
 
 # ------------------------------------------------------------------ the transformers engine (items 10, 14)
 def test_keys_are_stored_transposed_on_cpu_only():
-    from aft.engines.hf import _buffer_layer_class, keys_transposed
+    from aft.engines.hf.cache import buffer_layer_class, keys_transposed
 
     assert keys_transposed("cpu") and not keys_transposed("cuda:0") and not keys_transposed("meta")
-    layer_cls = _buffer_layer_class()
+    layer_cls = buffer_layer_class()
     for device, contiguous_last_dim in (("cpu", False), ("meta", True)):  # meta stands in for a GPU's layout
         layer = layer_cls(16)
         k = torch.zeros(2, 3, 5, 8, device=device)

@@ -1,4 +1,4 @@
-"""The transformers engine's own decode loop (src/aft/engines/hf.py).
+"""The transformers engine's own decode loop (src/aft/engines/hf/).
 
 Most tests use a tiny random-init Llama (2 layers, hidden 64) with the embedded
 model's real tokenizer, so they take seconds; `test_embedded_model_*` uses the
@@ -13,7 +13,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from aft.engines.base import Request, SamplingParams  # noqa: E402
-from aft.engines.hf import HFEngine, _sample, _sample_truncated, _uniform_streams  # noqa: E402
+from aft.engines.hf import HFEngine  # noqa: E402
+from aft.engines.hf.sampling import sample, sample_truncated, uniform_streams  # noqa: E402
 
 QUESTIONS = ["Hi", "What is the capital of France? Answer in one word.",
              "Write a long story about a dragon who learns to bake bread in a small village."]
@@ -107,17 +108,17 @@ def test_unseeded_sampling_varies(engine):
 def test_a_sample_draws_its_own_random_stream_whatever_shares_its_batch():
     """Batch independence by construction, exactly: a sample's uniforms come from its own seed, and
     the sampler decides each row from that row's logits and uniform alone (no cross-row arithmetic)."""
-    streams = _uniform_streams([11, 4, None, 7], 6, "cpu")
-    assert torch.equal(streams[1], _uniform_streams([4], 6, "cpu")[0])
-    assert torch.equal(streams[3], _uniform_streams([7], 6, "cpu")[0])
+    streams = uniform_streams([11, 4, None, 7], 6, "cpu")
+    assert torch.equal(streams[1], uniform_streams([4], 6, "cpu")[0])
+    assert torch.equal(streams[3], uniform_streams([7], 6, "cpu")[0])
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(4, 500, generator=g) * 3
     temp = torch.tensor([1.0, 0.8, 0.0, 0.7])
     top_p = torch.tensor([1.0, 0.9, 1.0, 1.0])
     top_k = torch.tensor([0, 0, 0, 5])
     u = streams[:, 0]
-    together = _sample(logits, temp, top_p, top_k, u)
-    alone = [_sample(logits[i:i + 1], temp[i:i + 1], top_p[i:i + 1], top_k[i:i + 1], u[i:i + 1]).item()
+    together = sample(logits, temp, top_p, top_k, u)
+    alone = [sample(logits[i:i + 1], temp[i:i + 1], top_p[i:i + 1], top_k[i:i + 1], u[i:i + 1]).item()
              for i in range(4)]
     assert together.tolist() == alone
     assert together[2].item() == logits[2].argmax().item()
@@ -229,7 +230,7 @@ def test_truncated_sampling_matches_a_full_sort():
     top_k = torch.tensor([0, 0, 0, 40, 3, 0, 0, 0, 2000, 0, 10, 0])
     for _ in range(5):
         u = torch.rand(12, generator=g, dtype=torch.float64)
-        assert torch.equal(_sample_truncated(lg, top_p, top_k, u), _reference_truncated(lg, top_p, top_k, u))
+        assert torch.equal(sample_truncated(lg, top_p, top_k, u), _reference_truncated(lg, top_p, top_k, u))
 
 
 def test_plain_sampling_follows_the_distribution():
@@ -238,10 +239,10 @@ def test_plain_sampling_follows_the_distribution():
     lg = probs.log().expand(n, 4)
     u = torch.rand(n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     ones = torch.ones(n)
-    picks = _sample(lg.clone(), ones, ones, torch.zeros(n, dtype=torch.long), u)
+    picks = sample(lg.clone(), ones, ones, torch.zeros(n, dtype=torch.long), u)
     freq = torch.bincount(picks, minlength=4).float() / n
     assert torch.allclose(freq, probs, atol=0.03)
-    greedy = _sample(lg.clone(), torch.zeros(n), ones, torch.zeros(n, dtype=torch.long), u)
+    greedy = sample(lg.clone(), torch.zeros(n), ones, torch.zeros(n, dtype=torch.long), u)
     assert bool((greedy == 3).all())
 
 
@@ -259,10 +260,10 @@ def test_embedded_model_greedy_equals_generate_and_stops_at_eos(embedded_dir):
 def test_buffer_layer_behaves_like_dynamic_layer_and_grows():
     from transformers.cache_utils import DynamicLayer
 
-    from aft.engines.hf import _buffer_layer_class
+    from aft.engines.hf.cache import buffer_layer_class
 
     g = torch.Generator().manual_seed(0)
-    ref, buf = DynamicLayer(), _buffer_layer_class()(capacity=5)
+    ref, buf = DynamicLayer(), buffer_layer_class()(capacity=5)
     for n in (3, 1, 1, 1, 1):  # the 6th position is past the capacity: the buffer grows
         k, v = torch.randn(2, 2, n, 8, generator=g), torch.randn(2, 2, n, 8, generator=g)
         rk, rv = ref.update(k, v)
@@ -276,9 +277,9 @@ def test_buffer_layer_behaves_like_dynamic_layer_and_grows():
 
 
 def test_buffer_layer_rows_are_left_padded_with_zeros():
-    from aft.engines.hf import _buffer_layer_class
+    from aft.engines.hf.cache import buffer_layer_class
 
-    buf = _buffer_layer_class()(capacity=10)
+    buf = buffer_layer_class()(capacity=10)
     k2, v2 = torch.ones(1, 2, 2, 4), 2 * torch.ones(1, 2, 2, 4)
     k4, v4 = 3 * torch.ones(2, 2, 4, 4), 4 * torch.ones(2, 2, 4, 4)
     buf.put_rows([1], 2, k2, v2, batch=3)
@@ -290,7 +291,7 @@ def test_buffer_layer_rows_are_left_padded_with_zeros():
 
 
 def test_decode_attention_equals_sdpa():
-    from aft.engines.hf import _decode_attention
+    from aft.engines.hf.attention import decode_attention
 
     g = torch.Generator().manual_seed(0)
     B, H, Hkv, T, D = 3, 6, 2, 9, 8
@@ -302,7 +303,7 @@ def test_decode_attention_equals_sdpa():
     mask[0, ..., :4] = False  # a left-padded row
     ref = torch.nn.functional.scaled_dot_product_attention(
         q, k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1), attn_mask=mask)
-    got = _decode_attention(q, k, v, mask, None)
+    got = decode_attention(q, k, v, mask, None)
     assert got.shape == (B, 1, H, D)
     assert torch.allclose(got, ref.transpose(1, 2), atol=1e-5)
 
@@ -311,9 +312,9 @@ def test_grouped_prefill_equals_one_padded_batch(engine):
     prompts = [engine.encode(msgs(q)) for q in QUESTIONS + ["Hi"]]  # two prompts of one length
     with torch.inference_mode():
         cache, logits = engine._prefill(prompts, 64)
-        from aft.engines.hf import _preallocated_cache
+        from aft.engines.hf.cache import preallocated_cache
 
-        padded = _preallocated_cache(engine.lm.config, 64)
+        padded = preallocated_cache(engine.lm.config, 64)
         ref = engine._prefill_padded(prompts, padded)
     assert torch.allclose(logits, ref, atol=1e-4)
     L = max(map(len, prompts))

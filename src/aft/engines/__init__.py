@@ -1,6 +1,6 @@
 """Engines: one interface (base.py), three back-ends, one factory, one options type (args.py).
 
-    hf      transformers on this machine (CPU or CUDA)   engines/hf.py
+    hf      transformers on this machine (CPU or CUDA)   engines/hf/
     openai  any OpenAI-compatible HTTP endpoint           engines/openai.py
     vllm    vLLM's offline LLM class (GPU)                engines/vllm.py
 
