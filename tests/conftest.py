@@ -15,7 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never use the hub: a h
 import pytest
 import torch
 
-from aft.engines.base import Completion, Engine, Result, derive_seed, sample_seeds
+from aft.engines.base import Completion, Engine, Result, derive_seed, emit_whole, sample_seeds
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -106,7 +106,7 @@ class FakeEngine(Engine):
     def count_tokens(self, messages):
         return sum(3 + len(m["content"].split()) for m in messages)
 
-    def generate(self, requests):
+    def generate(self, requests, on_text=None):
         self.calls.append(list(requests))
         out = []
         for req in requests:
@@ -116,7 +116,7 @@ class FakeEngine(Engine):
                      for j, seed in enumerate(seeds)]
             out.append(Result(comps, prompt_tokens=self.count_tokens(req.messages), seeds=seeds))
         self.results += out
-        return out
+        return emit_whole(out, on_text)
 
     def complete(self, messages, seed, j, params) -> Completion:
         rng = random.Random(derive_seed(json.dumps(messages), seed, j))

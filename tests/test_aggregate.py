@@ -7,7 +7,7 @@ from conftest import FakeEngine
 
 from aft.aggregate import (LayerTrace, PAConfig, generations_per_query, plan, propose_and_aggregate,
                            replay_messages)
-from aft.engines.base import Result
+from aft.engines.base import Result, emit_whole
 from aft.errors import AftError
 from aft.prompts import TRUNCATION_MARK, PromptStyle, aggregator_messages, proposer_messages
 from aft.sampling import Sampling
@@ -144,10 +144,10 @@ class RejectsOne(FakeEngine):
         super().__init__()
         self.bad = bad
 
-    def generate(self, requests):
+    def generate(self, requests, on_text=None):
         out = super().generate(requests)
-        return [Result.failed("rejected (400): bad prompt") if self.bad in str(r.messages) else res
-                for r, res in zip(requests, out)]
+        return emit_whole([Result.failed("rejected (400): bad prompt") if self.bad in str(r.messages) else res
+                           for r, res in zip(requests, out)], on_text)
 
 
 def test_a_failed_request_fails_only_its_query():

@@ -12,7 +12,7 @@ import torch
 from aft.data.build import DataConfig, Resources, run_build
 from aft.data.onpolicy import base_engine, demonstration_prompt, load_demonstrations
 from aft.data.scorers import JudgeScorer, RewardModelScorer, Scorer, VerifierScorer, parse_rating
-from aft.engines.base import Completion, Engine, Request, Result, SamplingParams, derive_seed
+from aft.engines.base import Completion, Engine, Request, Result, SamplingParams, derive_seed, emit_whole
 from aft.io import read_jsonl
 from aft.prompts import aggregator_messages, proposer_messages
 
@@ -175,9 +175,10 @@ class RejectsColor(Engine):
 
     model = "teacher"
 
-    def generate(self, requests):
-        return [Result.failed("rejected (400): no colors") if "color" in str(r.messages) else
-                Result([Completion("An aggregation.", 3, "stop")], prompt_tokens=9) for r in requests]
+    def generate(self, requests, on_text=None):
+        return emit_whole([Result.failed("rejected (400): no colors") if "color" in str(r.messages) else
+                           Result([Completion("An aggregation.", 3, "stop")], prompt_tokens=9) for r in requests],
+                          on_text)
 
 
 def test_a_scorer_or_teacher_failure_fails_only_its_prompt(tmp_path):

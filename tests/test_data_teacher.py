@@ -15,7 +15,7 @@ from aft.data.reasoning_gym import split_prompts
 from aft.data.sources import Proposal, select
 from aft.data.targets import ProgramTeacher, best_index
 from aft.data.verify import is_correct
-from aft.engines.base import Completion, Engine, Result
+from aft.engines.base import Completion, Engine, Result, emit_whole
 from aft.errors import AftError
 
 TASK = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1, "operators": ["+", "-"],
@@ -38,7 +38,7 @@ class ScriptedEngine(Engine):
         self.script = script
         self.requests = []
 
-    def generate(self, requests):
+    def generate(self, requests, on_text=None):
         self.requests += requests
         out = []
         for r in requests:
@@ -49,7 +49,7 @@ class ScriptedEngine(Engine):
             picks = [texts[self.script[j % len(self.script)]] for j in range(r.params.n)]
             comps = [Completion(text, 6, finish) for text, finish in picks]
             out.append(Result(comps, prompt_tokens=12, seeds=[None] * r.params.n))
-        return out
+        return emit_whole(out, on_text)
 
     def count_tokens(self, messages):
         return 12
@@ -130,14 +130,14 @@ def test_inference_matched_proposals_are_unfiltered_samples(tmp_path):
 class EchoTeacher(ScriptedEngine):
     """A teacher model: solves the question it is asked, whether with proposals or alone."""
 
-    def generate(self, requests):
+    def generate(self, requests, on_text=None):
         self.requests += requests
         out = []
         for r in requests:
             expr, ans = _solve(r.messages[-1]["content"].splitlines()[0])
             review = "Reviewed.\n" if "aggregator" in r.messages[0]["content"] else ""
             out.append(Result([Completion(f"{review}{expr} = {ans}\nAnswer: {ans}", 9, "stop")], 20, [None]))
-        return out
+        return emit_whole(out, on_text)
 
 
 def test_pseudo_aggregation_with_a_teacher_model_asks_it_the_query_alone(tmp_path):

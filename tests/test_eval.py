@@ -13,7 +13,7 @@ import pytest
 
 from aft.data.scorers import Scorer
 from aft.data.verify import extract_answer, is_correct
-from aft.engines.base import Completion, Engine, Result
+from aft.engines.base import Completion, Engine, Result, emit_whole
 from aft.errors import AftError
 from aft.evaluate.cache import CachedEngine
 from aft.evaluate.stats import bootstrap_ci, paired_difference
@@ -259,10 +259,10 @@ class RejectsPencils(Engine):
 
     model = "fake"
 
-    def generate(self, requests):
-        return [Result.failed("rejected (400): pencils") if "pencils" in str(r.messages) else
-                Result([Completion(f"Answer: {j}", 2, "stop") for j in range(r.params.n)], prompt_tokens=5)
-                for r in requests]
+    def generate(self, requests, on_text=None):
+        return emit_whole([Result.failed("rejected (400): pencils") if "pencils" in str(r.messages) else
+                           Result([Completion(f"Answer: {j}", 2, "stop") for j in range(r.params.n)], prompt_tokens=5)
+                           for r in requests], on_text)
 
 
 class RaisesOnNotebooks(Scorer):

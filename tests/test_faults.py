@@ -22,7 +22,7 @@ import pytest
 
 from aft.cli import main
 from aft.io import read_jsonl
-from aft.engines.base import Completion, Engine, Result
+from aft.engines.base import Completion, Engine, Result, emit_whole
 from aft.infer import load_config, manifest
 from aft.serve import start_server
 
@@ -37,9 +37,9 @@ class Echo(Engine):
 
     name, model = "echo", "echo"
 
-    def generate(self, requests):
-        return [Result([Completion(f"Answer: {len(r.messages[-1]['content'])}", 3, "stop")] * r.params.n, 5)
-                for r in requests]
+    def generate(self, requests, on_text=None):
+        return emit_whole([Result([Completion(f"Answer: {len(r.messages[-1]['content'])}", 3, "stop")] * r.params.n, 5)
+                           for r in requests], on_text)
 
 
 @pytest.fixture(scope="module")

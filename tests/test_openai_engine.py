@@ -13,6 +13,7 @@ import socket
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -154,12 +155,12 @@ class WaitsForCompany(Engine):
         self.inner, self.model, self.context_window = inner, inner.model, inner.context_window
         self.server, self.waited = None, False
 
-    def generate(self, requests):
+    def generate(self, requests, on_text=None):
         deadline = time.time() + 10
         while not self.waited and self.server.stats["in_flight"] < 2 and time.time() < deadline:
             time.sleep(0.005)
         self.waited = True
-        return self.inner.generate(requests)
+        return self.inner.generate(requests, on_text)
 
     def count_tokens(self, messages):
         return self.inner.count_tokens(messages)
@@ -182,6 +183,35 @@ def test_concurrency_bounded_and_order_kept(engine):
     expected = [engine.generate([r])[0] for r in reqs]  # one at a time, as the server runs them
     assert [r.completions[0].text for r in results] == [r.completions[0].text for r in expected]
     assert [r.completions[0].tokens for r in results] == [1 + i % 4 for i in range(10)]
+
+
+def test_concurrent_generate_calls_share_one_bound(engine):
+    """The engine is continuous: three threads call generate at once; max_concurrency bounds the calls in
+    flight over all of them, each gets its own answers, and on_text receives each whole completion."""
+    gate = WaitsForCompany(engine)
+    srv, url = start_server(gate)
+    gate.server = srv
+    batches = [[Request(msgs(f"question {b}.{i}"), SamplingParams(temperature=0.0, max_tokens=2 + i))
+                for i in range(3)] for b in range(3)]
+    streamed: list[dict] = [{} for _ in batches]
+
+    def run(b):
+        def on_text(i, j, delta):
+            streamed[b][i, j] = streamed[b].get((i, j), "") + delta
+        return eng.generate(batches[b], on_text)
+
+    try:
+        eng = client(url, model=MODEL, max_concurrency=2)
+        assert eng.continuous
+        with ThreadPoolExecutor(3) as pool:
+            outs = list(pool.map(run, range(3)))
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert srv.stats["requests"] == 9 and srv.stats["max_in_flight"] == 2
+    for batch, out, got in zip(batches, outs, streamed):
+        assert [r.completions[0].text for r in out] == [engine.generate([r])[0].completions[0].text for r in batch]
+        assert got == {(i, 0): r.completions[0].text for i, r in enumerate(out)}
 
 
 def test_unknown_model_is_a_clear_error(server):

@@ -7,7 +7,7 @@ endpoint that repeats its input would, and answers an aggregation prompt with th
 import json
 import re
 
-from aft.engines.base import Completion, Engine, Result
+from aft.engines.base import Completion, Engine, Result, emit_whole
 from aft.evaluate.report import table_rows, write_report
 from aft.evaluate.rescore import rescore
 from aft.evaluate.run import load_config, run_eval
@@ -21,7 +21,7 @@ class EchoEngine(Engine):
     name = "echo"
     model = "echo"
 
-    def generate(self, requests):
+    def generate(self, requests, on_text=None):
         out = []
         for r in requests:
             text = r.messages[-1]["content"]
@@ -32,7 +32,7 @@ class EchoEngine(Engine):
                 reply = f"{a} + {b} = {a + b}\nAnswer: {a + b}"
             out.append(Result([Completion(reply, 5, "stop") for _ in range(r.params.n)], prompt_tokens=10,
                               seeds=[None] * r.params.n))
-        return out
+        return emit_whole(out, on_text)
 
     def count_tokens(self, messages):
         return 10

@@ -13,7 +13,7 @@ from aft.aggregate import plan
 from aft.data.build import DataConfig
 from aft.data.build import load_config as load_data_config
 from aft.engines.args import EngineArgs
-from aft.engines.base import Completion, Engine, Result
+from aft.engines.base import Completion, Engine, Result, emit_whole
 from aft.evaluate.run import load_config as load_eval_config
 from aft.infer import load_config as load_infer_config
 from aft.sampling import PRESETS, Sampling
@@ -220,9 +220,9 @@ class WindowedEcho(Engine):
     def count_tokens(self, messages):
         return sum(len(m["content"].split()) for m in messages)
 
-    def generate(self, requests):
-        return [Result([Completion("Answer: 1", 2, "stop") for _ in range(r.params.n)], prompt_tokens=1)
-                for r in requests]
+    def generate(self, requests, on_text=None):
+        return emit_whole([Result([Completion("Answer: 1", 2, "stop") for _ in range(r.params.n)], prompt_tokens=1)
+                           for r in requests], on_text)
 
 
 def test_data_build_retries_failed_prompts(tmp_path):

@@ -9,11 +9,23 @@ A request that cannot be answered (its prompt does not fit the context window,
 the server rejects it with a 400) fails alone: its Result has `error` set and no
 completions, and the other requests of the batch are answered. An engine raises
 only for what fails every request (a server that cannot be reached, a bad key).
+
+Streaming: `generate(requests, on_text)` calls `on_text(request_index,
+completion_index, delta)` with the new text of a completion as it is produced;
+a completion's deltas concatenate to exactly its final text (stop strings
+already cut). An engine that cannot stream calls it once per completion with
+the whole text, when the batch is done (`emit_whole`).
+
+Concurrency: an engine whose `continuous` is True may have `generate` called
+from several threads at once, and concurrent calls share its work (independent
+HTTP requests; a scheduler that lets rows join a running batch). Otherwise the
+caller makes one call at a time, and big batches pay.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from ..errors import AftError
@@ -69,15 +81,20 @@ class Result:
         return cls(completions=[], prompt_tokens=prompt_tokens, error=reason)
 
 
+# on_text(request_index, completion_index, delta): new text of one completion (see the module's docstring).
+OnText = Callable[[int, int, str], None]
+
+
 class Engine:
     """Base class: subclasses implement `generate`; the rest is optional."""
 
     name: str = "engine"
+    continuous: bool = False  # True: generate may run in several threads at once, sharing the engine's work
     model: str = ""
     context_window: int | None = None  # tokens, when known
     has_chat_template: bool = True  # False: a base model whose prompts go out as raw text (see data/onpolicy.py)
 
-    def generate(self, requests: list[Request]) -> list[Result]:
+    def generate(self, requests: list[Request], on_text: OnText | None = None) -> list[Result]:
         raise NotImplementedError  # abstract: each engine implements it
 
     def count_tokens(self, messages: list[dict]) -> int | None:
@@ -99,6 +116,15 @@ class Engine:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def emit_whole(results: list[Result], on_text: OnText | None) -> list[Result]:
+    """Streaming for an engine that cannot stream: each completion's whole text as one delta. Returns `results`."""
+    if on_text is not None:
+        for i, res in enumerate(results):
+            for j, c in enumerate(res.completions):
+                on_text(i, j, c.text)
+    return results
 
 
 def share_seconds(results: list[Result], seconds: float) -> None:

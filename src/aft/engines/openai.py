@@ -1,8 +1,12 @@
 """Engine for any OpenAI-compatible chat endpoint (vLLM, SGLang, llama.cpp, `aft serve`, OpenAI).
 
 One request of the batch = one `chat.completions.create` call with `n` (the
-server batches the n samples and shares the prompt), run on a thread pool of at
-most `max_concurrency` calls in flight. Results come back in request order.
+server batches the n samples and shares the prompt), run on the engine's thread
+pool of at most `max_concurrency` calls in flight. Results come back in request
+order. The engine is `continuous`: `generate` may be called from several
+threads at once; their calls share the one pool (so `max_concurrency` bounds
+the calls in flight over all of them) and what the engine learns about the
+server (below) is updated under a lock.
 
 Servers that ignore `n`: some return one choice whatever n is. The first call
 that asks for n > 1 and gets fewer choices marks the server as such (remembered
@@ -68,7 +72,7 @@ import openai
 
 from ..errors import AftError
 from .args import EngineArgs
-from .base import Completion, Engine, Request, Result, SamplingParams, sample_seeds
+from .base import Completion, Engine, OnText, Request, Result, SamplingParams, emit_whole, sample_seeds
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +96,7 @@ class Rejected(AftError):
 
 class OpenAIEngine(Engine):
     name = "openai"
+    continuous = True  # independent HTTP requests: concurrent generate calls share the pool
 
     def __init__(self, base_url: str, model: str | None = None, api_key: str | None = None,
                  max_concurrency: int = _DEFAULTS["max_concurrency"], timeout: float = _DEFAULTS["timeout"],
@@ -114,33 +119,33 @@ class OpenAIEngine(Engine):
         self.honours_n: bool | None = None  # unknown until a call with n > 1 returns
         self.refused: set[str] = set()  # parameters the server said it does not take (see _drop)
         self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="aft-openai")
         if not self.model:
             self.model = self._first_model()
 
     # ----------------------------------------------------------------- public
-    def generate(self, requests: list[Request]) -> list[Result]:
+    def generate(self, requests: list[Request], on_text: OnText | None = None) -> list[Result]:
         if not requests:
             return []
         # Slots to fill: results[i].completions[j] is sample j of request i.
         results = [Result(completions=[None] * r.params.n, seeds=[None] * r.params.n) for r in requests]  # type: ignore[list-item]
-        with ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="aft-openai") as pool:
-            # Round 1: one call per request with n, or per sample once the server is known to ignore n.
-            calls = []
-            for i, r in enumerate(requests):
-                if r.params.n > 1 and self.honours_n is False:
-                    calls += [(i, [j], seed) for j, seed in enumerate(_fallback_seeds(r.params))]
-                else:
-                    calls.append((i, list(range(r.params.n)), r.params.seed))
-            self._run(pool, requests, results, calls)
-            # Round 2: samples a server left out (it ignored n), one n=1 call each with its own seed.
-            missing = [(i, [j], _fallback_seeds(requests[i].params)[j])
-                       for i, res in enumerate(results) if res.error is None
-                       for j, c in enumerate(res.completions) if c is None]
-            if missing:
-                self._run(pool, requests, results, missing)
+        # Round 1: one call per request with n, or per sample once the server is known to ignore n.
+        calls = []
+        for i, r in enumerate(requests):
+            if r.params.n > 1 and self.honours_n is False:
+                calls += [(i, [j], seed) for j, seed in enumerate(_fallback_seeds(r.params))]
+            else:
+                calls.append((i, list(range(r.params.n)), r.params.seed))
+        self._run(requests, results, calls)
+        # Round 2: samples a server left out (it ignored n), one n=1 call each with its own seed.
+        missing = [(i, [j], _fallback_seeds(requests[i].params)[j])
+                   for i, res in enumerate(results) if res.error is None
+                   for j, c in enumerate(res.completions) if c is None]
+        if missing:
+            self._run(requests, results, missing)
         if any(c is None for res in results if res.error is None for c in res.completions):
             raise AftError(f"{self.base_url} (model {self.model!r}): the server returned no choices for a request")
-        return results
+        return emit_whole(results, on_text)
 
     def count_tokens(self, messages: list[dict]) -> int | None:
         if self.tokenizer is None:
@@ -153,12 +158,13 @@ class OpenAIEngine(Engine):
                 "refused_parameters": sorted(self.refused)}
 
     def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
         self.client.close()
 
     # -------------------------------------------------------------- internals
-    def _run(self, pool, requests: list[Request], results: list[Result], calls: list[tuple]) -> None:
+    def _run(self, requests: list[Request], results: list[Result], calls: list[tuple]) -> None:
         """Run calls (request index, sample slots, seed) on the pool and put the choices in their slots."""
-        futures = [pool.submit(self._call, requests[i].messages, requests[i].params, len(slots), seed)
+        futures = [self._pool.submit(self._call, requests[i].messages, requests[i].params, len(slots), seed)
                    for i, slots, seed in calls]
         try:
             self._wait_saying_so(futures)
@@ -196,12 +202,13 @@ class OpenAIEngine(Engine):
                         time.monotonic() - t0, self.timeout, self.max_retries + 1, "s" if self.max_retries else "")
 
     def _note_n(self, asked: int, got: int) -> None:
-        if got < asked and self.honours_n is not False:
-            log.warning("%s (model %s) returned %d choice(s) for n=%d; asking for each sample separately from now on",
-                        self.base_url, self.model, got, asked)
-            self.honours_n = False
-        elif got >= asked and self.honours_n is None:
-            self.honours_n = True
+        with self._lock:
+            if got < asked and self.honours_n is not False:
+                log.warning("%s (model %s) returned %d choice(s) for n=%d; asking for each sample separately from "
+                            "now on", self.base_url, self.model, got, asked)
+                self.honours_n = False
+            elif got >= asked and self.honours_n is None:
+                self.honours_n = True
 
     def _body(self, messages: list[dict], p: SamplingParams, n: int, seed: int | None) -> dict:
         """The keyword arguments of one chat.completions call, less what the server refused."""
@@ -213,7 +220,9 @@ class OpenAIEngine(Engine):
             kw["seed"] = seed
         # Not in the OpenAI API: vLLM, SGLang and llama.cpp read them from the body.
         extra = {"top_k": p.top_k if p.top_k > 0 else -1, **_NEUTRAL_EXTRAS}
-        for name in self.refused:
+        with self._lock:  # another thread may be adding to it
+            refused = sorted(self.refused)
+        for name in refused:
             if name == "max_tokens":
                 kw["max_completion_tokens"] = kw.pop("max_tokens")
             kw.pop(name, None)

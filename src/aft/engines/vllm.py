@@ -36,7 +36,7 @@ from __future__ import annotations
 import logging
 
 from ..errors import AftError
-from .base import CHATML_TEMPLATE, Completion, Engine, Request, Result, SamplingParams, context_error
+from .base import CHATML_TEMPLATE, Completion, Engine, OnText, Request, Result, SamplingParams, context_error, emit_whole
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ class VLLMEngine(Engine):
             log.warning("%s: the tokenizer has no chat template; using ChatML", self.model)
         self.context_window = _max_model_len(self.llm) or max_model_len
 
-    def generate(self, requests: list[Request]) -> list[Result]:
+    def generate(self, requests: list[Request], on_text: OnText | None = None) -> list[Result]:
         if not requests:
             return []
         # vLLM refuses the whole batch for one prompt longer than max_model_len: that prompt fails alone.
@@ -126,7 +126,7 @@ class VLLMEngine(Engine):
                                     chat_template=self.chat_template)
             for i, o in zip(todo, outputs):
                 results[i] = to_result(o, requests[i].params)
-        return results  # type: ignore[return-value]
+        return emit_whole(results, on_text)  # type: ignore[arg-type]  # LLM.chat returns whole texts
 
     def count_tokens(self, messages: list[dict]) -> int:
         """Prompt tokens as LLM.chat renders them: the chat template, then encode without special tokens."""

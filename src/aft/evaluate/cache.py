@@ -26,7 +26,7 @@ import logging
 import time
 from pathlib import Path
 
-from ..engines.base import Completion, Engine, Request, Result, sample_seeds
+from ..engines.base import Completion, Engine, OnText, Request, Result, sample_seeds
 from ..io import JsonlAppender
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ class CachedEngine(Engine):
             return []
         return [_hash(base + [s]) for s in sample_seeds(p)]
 
-    def generate(self, requests: list[Request]) -> list[Result]:
+    def generate(self, requests: list[Request], on_text: OnText | None = None) -> list[Result]:
         results: list[Result | None] = [None] * len(requests)
         todo = []
         for i, req in enumerate(requests):
@@ -94,12 +94,16 @@ class CachedEngine(Engine):
                                     prompt_tokens=recs[0]["prompt_tokens"], seeds=sample_seeds(req.params),
                                     seconds=sum(r["seconds"] for r in recs))  # measured when generated
                 self.hits += 1
+                if on_text is not None:  # a stored sample is one whole delta
+                    for j, c in enumerate(results[i].completions):
+                        on_text(i, j, c.text)
             else:
                 todo.append(i)
         if todo:
             self.misses += len(todo)
             t0 = time.perf_counter()
-            fresh = self.inner.generate([requests[i] for i in todo])
+            inner_on_text = None if on_text is None else (lambda k, j, delta: on_text(todo[k], j, delta))
+            fresh = self.inner.generate([requests[i] for i in todo], inner_on_text)
             seconds = time.perf_counter() - t0
             processed = sum(r.prompt_tokens + sum(c.tokens for c in r.completions) for r in fresh) or 1
             for i, res in zip(todo, fresh):

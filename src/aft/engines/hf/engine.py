@@ -17,6 +17,7 @@ from ..base import (
     Result,
     SamplingParams,
     context_error,
+    emit_whole,
     sample_seeds,
 )
 from .attention import register_attention
@@ -80,7 +81,7 @@ class HFEngine(Engine):
         return sum(p.numel() for p in {id(p): p for p in self.lm.parameters()}.values())
 
     # -------------------------------------------------------------- generation
-    def generate(self, requests: list[Request]) -> list[Result]:
+    def generate(self, requests: list[Request], on_text=None) -> list[Result]:
         prompts = [self.encode(r.messages) for r in requests]
         results: list[Result | None] = [None] * len(requests)
         for i, p in enumerate(prompts):  # a prompt that does not fit fails alone
@@ -104,7 +105,7 @@ class HFEngine(Engine):
             if i is not None:
                 chunk.append(i)
                 rows, positions = rows + n, max(positions, pos)
-        return results  # type: ignore[return-value]
+        return emit_whole(results, on_text)  # type: ignore[arg-type]
 
     def memory_budget(self) -> int | None:
         """Bytes a chunk may use: `memory_budget_bytes` if set, else on a GPU 90% of its free memory
