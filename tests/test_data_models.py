@@ -58,6 +58,17 @@ def test_on_policy_chat_model_verifier_best(tmp_path, tiny_engine):
     assert [c["seed"] for c in m["candidates"]] == res.seeds
     assert all(c["score"] in (0.0, 1.0) for c in m["candidates"])
     assert json.loads((tmp_path / "o" / "data_card.json").read_text())["scores"]["verifier"]
+    # candidates.jsonl keeps all M candidates in sample order, for kept rows and for skipped prompts alike
+    cand = {c["id"]: c for c in rows(tmp_path / "o" / "candidates.jsonl")}
+    assert list(cand) == [g["id"] for g in got]
+    c = cand[r["id"]]
+    assert c["prompt"] == proposer_messages(query)
+    assert [x["text"] for x in c["candidates"]] == texts and [x["index"] for x in c["candidates"]] == [0, 1, 2]
+    assert [x["score"] for x in c["candidates"]] == [x["score"] for x in m["candidates"]]
+    assert [x["finish_reason"] for x in c["candidates"]] == [x.finish_reason for x in res.completions]
+    assert c["meta"]["answer"] == m["answer"] and c["meta"]["score_source"] == "verifier"
+    skipped = rows(tmp_path / "b" / "candidates.jsonl")
+    assert len(skipped) == 2 and all(len(x["candidates"]) == 3 for x in skipped)
 
 
 def test_on_policy_base_model_gets_demonstrations_prompt(tmp_path, tokenizer):

@@ -6,6 +6,9 @@ samples from the model to be trained, top K kept by a scorer), then a target
 
     <out>/aft.jsonl          prompt = aggregator_messages(query, proposals)  -> target
     <out>/sft.jsonl          prompt = proposer_messages(query)               -> same target
+    <out>/candidates.jsonl   every candidate of every prompt sampled (kept or skipped): text,
+                             score, finish reason, sample index, under the proposer prompt;
+                             what SFT on all correct samples and BoN-aware training read (bon.py)
     <out>/aft_noprop.jsonl   (--no_proposals) the "no proposals" ablation: query -> the
                              aggregation; same rows as sft.jsonl, marked as the ablation
     <out>/aft_pseudo.jsonl   (--pseudo_aggregation) the paper's pseudo-aggregation ablation:
@@ -270,7 +273,7 @@ class Summary:
     card: dict | None = None
 
 
-OUTPUTS = ("aft.jsonl", "sft.jsonl", "aft_noprop.jsonl", "aft_pseudo.jsonl", "skipped.jsonl")
+OUTPUTS = ("aft.jsonl", "sft.jsonl", "aft_noprop.jsonl", "aft_pseudo.jsonl", "skipped.jsonl", "candidates.jsonl")
 
 
 def out_dir(cfg: DataConfig) -> Path:
@@ -309,6 +312,7 @@ def _build_locked(cfg: DataConfig, res: Resources, style: PromptStyle, rows: lis
     noprop = JsonlAppender(out / "aft_noprop.jsonl") if cfg.no_proposals else None
     pseudo = JsonlAppender(out / "aft_pseudo.jsonl") if cfg.pseudo_aggregation else None
     skipped = JsonlAppender(out / "skipped.jsonl", failed=is_failed, retry=cfg.retry_failed)
+    candidates = JsonlAppender(out / "candidates.jsonl")
     summary.retried, summary.failed = skipped.retried, skipped.failed_before
     try:
         done = aft.done | skipped.done
@@ -325,6 +329,8 @@ def _build_locked(cfg: DataConfig, res: Resources, style: PromptStyle, rows: lis
         for s in range(0, len(todo), cfg.batch_size):
             chunk = todo[s:s + cfg.batch_size]
             for item, rec in zip(chunk, builder.run(chunk)):
+                if rec.get("candidates") is not None and item.id not in candidates.done:
+                    candidates.write(rec["candidates"])  # before aft/skipped, which decide what is done
                 if "skip" in rec:
                     skipped.write({"id": item.id, "reason": rec["skip"], "source": item.meta.get("source"),
                                    "source_line": item.meta.get("source_line"), "scores": rec.get("scores"),
@@ -344,7 +350,7 @@ def _build_locked(cfg: DataConfig, res: Resources, style: PromptStyle, rows: lis
             if progress:
                 progress(summary.resumed + s + len(chunk), len(items), builder.tokens)
     finally:
-        for f in (aft, sft, noprop, pseudo, skipped):
+        for f in (aft, sft, noprop, pseudo, skipped, candidates):
             if f is not None:
                 f.close()
         for obj in res.owned:
@@ -360,17 +366,18 @@ def is_failed(record: dict) -> bool:
 
 
 def _trim_partial(out: Path, no_proposals: bool) -> None:
-    """After a crash sft/noprop may hold a row that aft.jsonl does not: drop it (it is rebuilt)."""
-    if not (out / "aft.jsonl").exists():
-        return
+    """After a crash sft/noprop/candidates may hold a row of a prompt that aft.jsonl (or, for candidates,
+    skipped.jsonl) does not: drop it (it is rebuilt)."""
     done = done_ids(out / "aft.jsonl")
-    for name in ("sft.jsonl", "aft_noprop.jsonl", "aft_pseudo.jsonl"):
+    # a failed prompt (retried on a rerun) has no candidates; one left out by design keeps them
+    sampled = done | done_ids(out / "skipped.jsonl", failed=is_failed)
+    for name in ("sft.jsonl", "aft_noprop.jsonl", "aft_pseudo.jsonl", "candidates.jsonl"):
         p = out / name
         if not p.exists():
             continue
         repair_torn_tail(p)
         recs = [r for _, r in read_jsonl(p)]
-        keep = [r for r in recs if str(r.get("id")) in done]
+        keep = [r for r in recs if str(r.get("id")) in (sampled if name == "candidates.jsonl" else done)]
         if len(keep) != len(recs):
             rewrite_jsonl(p, keep)
 
@@ -493,7 +500,24 @@ class _Builder:
                            "scores": self._scores(i, cands[i], t["score"])}
                 continue
             recs[i] = self._rows(chunk[i], cands[i], chosen[i], dataset_scores[i], prompts[i], t, self.source[i])
+        for i in live:  # every prompt sampled keeps all its candidates, whether its row was kept or not
+            recs[i]["candidates"] = self._candidates(chunk[i], cands[i], self.source[i])
         return recs
+
+    def _candidates(self, item: Item, cands: list[Proposal], score_source: str | None) -> dict:
+        """One candidates.jsonl row: the prompt the model answers at inference (proposer messages) and every
+        candidate in sample order, with its verifier / reward score (None: unscored) and finish reason."""
+        return {
+            "id": item.id,
+            "prompt": proposer_messages(item.query, self.style),
+            "candidates": [{"index": j, "id": p.id, "text": p.text, "score": p.score, "finish_reason": p.finish_reason,
+                            "tokens": p.tokens, "seed": p.seed} for j, p in enumerate(cands)],
+            "meta": {"proposal_source": "off_policy" if self.off else "on_policy",
+                     "proposal_prompt": None if self.off else self.prompt_mode,
+                     "score_source": score_source, "scorer": self.res.scorer.name if self.res.scorer else None,
+                     "task": item.meta.get("task"), "question": item.meta.get("question"), "answer": item.answer,
+                     "config_hash": self.chash},
+        }
 
     def _scores(self, i: int, cands: list[Proposal], target_score) -> dict:
         """A skipped prompt's scores, so that the data card counts every prompt sampled, not only those kept."""
