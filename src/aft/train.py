@@ -4,12 +4,14 @@ Read top to bottom:
 
   1. `load_config`   our keys (TrainConfig) + any TRL SFTConfig field, from YAML and flags;
   2. `read_rows`     validate every row of the data files (file:line errors) before any model loads;
-  3. `select_rows`   the mode: aft rows, sft rows, or aft rows plus a fraction of the sft rows;
+  3. `select_rows`   the mode: aft rows, sft rows, or aft rows plus a fraction of the sft rows; or, for
+                     rft / bon-sft / bon-rl, every sampled candidate weighted (aft.bon);
   4. `load_model`    resolve --model, set up the chat template and the end-of-turn token;
   5. `encode_row`    tokenize one row: the prompt exactly as inference renders it, and labels
                      (loss) on the target text plus the end-of-turn token only;
   6. `run_train`     SFTTrainer (+ LoRA via peft_config), resume, save adapter / merged model,
-                     tokenizer + chat template, metrics.json, loss.png, config.yaml.
+                     tokenizer + chat template, metrics.json, loss.png, config.yaml;
+                     with --rounds R (on-policy): sample with the model trained so far, weight, train, R times.
 
 The dataset handed to SFTTrainer is already tokenized (input_ids + labels), so TRL
 trains on exactly the positions `encode_row` chose; tests/test_train.py decodes
@@ -39,7 +41,8 @@ from .prompts import ROLES, validate_messages
 
 log = logging.getLogger(__name__)
 
-MODES = ("aft", "sft", "mix")
+MODES = ("aft", "sft", "mix", "rft", "bon-sft", "bon-rl")
+WEIGHTED = ("rft", "bon-sft", "bon-rl")  # train on candidates.jsonl with per-sample weights (aft.bon)
 BASE_MARKER = "aft_base_model.txt"  # read by aft.models.resolve for adapter folders
 # A ChatML template whose end of turn is the tokenizer's own EOS token: for base models that have no chat
 # template and no <|im_end|> token, so no new tokens (and no embedding resize) are needed, adapters load on the
@@ -61,10 +64,18 @@ class TrainConfig:
     data: str | None = cfglib.opt(None, "folder written by `aft data build` (aft.jsonl, sft.jsonl)", flags=("-d",))
     aft_file: str | None = cfglib.opt(None, "AFT rows (default: <data>/aft.jsonl)")
     sft_file: str | None = cfglib.opt(None, "SFT rows (default: <data>/sft.jsonl)")
+    candidates_file: str | None = cfglib.opt(None, "rft / bon modes: sampled candidates (default: "
+                                             "<data>/candidates.jsonl)")
     eval_data: str | None = cfglib.opt(None, "held-out folder or JSONL file evaluated every eval_steps (optional)",
                                        run=True)
-    mode: str = cfglib.opt("aft", "aft: aggregation rows; sft: plain baseline; mix: aft rows + a fraction of sft rows",
-                           choices=MODES)
+    mode: str = cfglib.opt("aft", "aft: aggregation rows; sft: plain baseline; mix: aft rows + a fraction of sft "
+                           "rows; rft: every correct candidate; bon-sft / bon-rl: best-of-N-aware weights on the "
+                           "candidates (docs/train.md)", choices=MODES)
+    bon_n: int = cfglib.opt(4, "bon-sft / bon-rl: N of the best-of-N used at inference", ge=1)
+    min_score: float = cfglib.opt(1.0, "rft / bon modes: a candidate scoring >= this is correct (reward 1)")
+    rounds: int = cfglib.opt(1, "rft / bon modes: on-policy rounds; each after the first samples the prompts "
+                             "again with the model trained so far (the data build's settings), then trains on them",
+                             ge=1)
     mix_sft_fraction: float = cfglib.opt(0.5, "mix mode: fraction of the sft rows added to all aft rows", ge=0, le=1)
     max_rows: int | None = cfglib.opt(None, "use only the first N training rows (after mixing)", ge=1, run=True)
     output_dir: str = cfglib.opt("runs/train/aft", "where the adapter / model, checkpoints and metrics go",
@@ -100,7 +111,12 @@ class TrainConfig:
     def check(self) -> None:
         if self.max_steps == 0:
             raise AftError("max_steps must be -1 (train num_train_epochs) or >= 1, got 0")
-        if not (self.data or self.aft_file or self.sft_file):
+        if self.rounds > 1 and self.mode not in WEIGHTED:
+            raise AftError(f"--rounds needs a mode that trains on sampled candidates ({', '.join(WEIGHTED)}), "
+                           f"not {self.mode}")
+        if self.rounds > 1 and not self.data:
+            raise AftError("--rounds needs --data (the folder of `aft data build`: its config says how to sample)")
+        if not (self.data or self.aft_file or self.sft_file or self.candidates_file):
             raise AftError("no training data: give --data <folder from `aft data build`> (or --aft_file / --sft_file)")
 
 
@@ -191,11 +207,11 @@ def data_files(cfg: TrainConfig) -> dict[str, Path]:
     if base is not None and not base.is_dir():
         raise AftError(f"{base}: not a folder (expected the output folder of `aft data build`)")
     files = {}
-    for kind, explicit in (("aft", cfg.aft_file), ("sft", cfg.sft_file)):
+    for kind, explicit in (("aft", cfg.aft_file), ("sft", cfg.sft_file), ("candidates", cfg.candidates_file)):
         p = Path(explicit) if explicit else (base / f"{kind}.jsonl" if base else None)
         if p is not None:
             files[kind] = p
-    needed = {"aft": ["aft"], "sft": ["sft"], "mix": ["aft", "sft"]}[cfg.mode]
+    needed = {"aft": ["aft"], "sft": ["sft"], "mix": ["aft", "sft"]}.get(cfg.mode, ["candidates"])
     for kind in needed:
         if kind not in files or not files[kind].exists():
             where_ = files.get(kind) or f"--{kind}_file"
@@ -205,7 +221,10 @@ def data_files(cfg: TrainConfig) -> dict[str, Path]:
 
 def select_rows(cfg: TrainConfig, rows: dict[str, list[dict]]) -> list[dict]:
     """The training rows for the mode. mix = every aft row + a seeded random mix_sft_fraction of the sft rows."""
-    if cfg.mode == "aft":
+    if cfg.mode in WEIGHTED:
+        out = list(rows["candidates"])
+        random.Random(cfg.seed).shuffle(out)  # rows of one prompt apart (max_rows then takes a random subset)
+    elif cfg.mode == "aft":
         out = list(rows["aft"])
     elif cfg.mode == "sft":
         out = list(rows["sft"])
@@ -221,7 +240,7 @@ def select_rows(cfg: TrainConfig, rows: dict[str, list[dict]]) -> list[dict]:
 def read_eval_rows(path: str | Path, mode: str) -> list[dict]:
     p = Path(path)
     if p.is_dir():
-        p = p / ("sft.jsonl" if mode == "sft" else "aft.jsonl")
+        p = p / ("sft.jsonl" if mode in ("sft",) + WEIGHTED else "aft.jsonl")
     return read_rows(p)
 
 
@@ -289,6 +308,8 @@ def encode_rows(tok, rows: list[dict], eot_id: int, max_length: int, what: str =
         if len(enc["input_ids"]) > max_length:
             dropped += 1
             continue
+        if "weight" in r:
+            enc["weight"] = r["weight"]
         out.append(enc)
     if dropped:
         log.warning("%d of %d %s rows are longer than max_length=%d tokens and were dropped", dropped, len(rows),
@@ -434,7 +455,7 @@ def build_trainer(cfg: TrainConfig, lm, tok, train_rows: list[dict], eval_rows: 
     sft_args = args if args is not None else sft_config(cfg)
     eval_on = bool(eval_rows)
     peft_config = None
-    if cfg.use_peft:
+    if cfg.use_peft and not hasattr(lm, "peft_config"):  # (a PeftModel already: a round goes on with its adapter)
         from peft import LoraConfig
 
         targets = cfg.lora_target_modules
@@ -445,9 +466,12 @@ def build_trainer(cfg: TrainConfig, lm, tok, train_rows: list[dict], eval_rows: 
         raise AftError("load_in_4bit needs use_peft (QLoRA trains an adapter on a 4-bit base)")
     train_ds = Dataset.from_list(train_rows)
     eval_ds = Dataset.from_list(eval_rows) if eval_on else None
-    return SFTTrainer(model=lm, args=sft_args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tok,
-                      peft_config=peft_config,
-                      callbacks=[_marker_callback(base)] if base and cfg.use_peft else None)
+    trainer_class = SFTTrainer
+    if cfg.mode in WEIGHTED:
+        from .bon import weighted_trainer as trainer_class
+    return trainer_class(model=lm, args=sft_args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tok,
+                         peft_config=peft_config,
+                         callbacks=[_marker_callback(base)] if base and cfg.use_peft else None)
 
 
 def _marker_callback(base: str):
@@ -493,14 +517,61 @@ def finished_run(out: Path, cfg: TrainConfig) -> dict | None:
     return metrics if same else None
 
 
-def run_train(cfg: TrainConfig) -> TrainResult:
-    # 1-3: all data checked before any model is loaded.
+def training_rows(cfg: TrainConfig) -> tuple[list[dict], dict]:
+    """The rows of the mode (validated) and what was read: counts, or for the weighted modes aft.bon's stats."""
     files = data_files(cfg)
+    if cfg.mode in WEIGHTED:
+        from .bon import read_candidates, weighted_rows
+
+        rows, stats = weighted_rows(read_candidates(files["candidates"]), cfg.mode, cfg.bon_n, cfg.min_score)
+        return select_rows(cfg, {"candidates": rows}), stats
     rows = {kind: read_rows(p) for kind, p in files.items()}
-    train = select_rows(cfg, rows)
+    return select_rows(cfg, rows), {f"{k}_rows_read": len(v) for k, v in rows.items()}
+
+
+def run_train(cfg: TrainConfig) -> TrainResult:
+    """One training run; with --rounds R > 1, R on-policy rounds (`run_rounds`)."""
+    if cfg.rounds > 1:
+        return run_rounds(cfg)
+    return train_once(cfg)
+
+
+def run_rounds(cfg: TrainConfig) -> TrainResult:
+    """Round 1 trains on --data's candidates; round r > 1 first samples the same prompts again with round r-1's
+    model (`aft data build` with the settings --data was built with, seed + r - 1, into
+    <output_dir>/round-<r>/data), then trains on those candidates, starting from round r-1's model (LoRA: its
+    adapter, trained further). Rounds 1..R-1 write <output_dir>/round-<r>; the last writes <output_dir>. Each
+    round and each sampling resumes on a rerun; a finished round is not run again."""
+    from .data.build import load_config as data_config, run_build
+
+    out = Path(cfg.output_dir)
+    built = json.loads((Path(cfg.data) / "config.json").read_text())["config"]
+    data, prev, res = cfg.data, None, None
+    for r in range(1, cfg.rounds + 1):
+        if r > 1:
+            d = out / f"round-{r}" / "data"
+            # every candidate is kept in candidates.jsonl whatever the target: the cheapest target will do
+            flags = {**built, "model": str(prev), "out": str(d), "seed": built["seed"] + r - 1, "shard": "0/1",
+                     "target": "best", "min_target_score": None, "no_proposals": False, "pseudo_aggregation": False}
+            s = run_build(data_config(None, flags))
+            log.info("round %d: sampled %s with %s (%d tokens in %.0fs)", r, d, prev, s.generated_tokens, s.seconds)
+            data = str(d)
+        last = r == cfg.rounds
+        step = dataclasses.replace(cfg, rounds=1, data=data, candidates_file=None if r > 1 else cfg.candidates_file,
+                                   output_dir=str(out if last else out / f"round-{r}"),
+                                   model=cfg.model if (r == 1 or cfg.use_peft) else str(prev))
+        res = train_once(step, init_adapter=str(prev) if (r > 1 and cfg.use_peft) else None, round_=(r, cfg.rounds))
+        prev = res.output_dir
+    return res
+
+
+def train_once(cfg: TrainConfig, init_adapter: str | None = None, round_: tuple[int, int] | None = None) -> TrainResult:
+    """One training run. init_adapter: a LoRA adapter (of cfg.model) to train further instead of a new one."""
+    # 1-3: all data checked before any model is loaded.
+    train, read_stats = training_rows(cfg)
     eval_raw = read_eval_rows(cfg.eval_data, cfg.mode) if cfg.eval_data else None
     log.info("mode %s: %d training rows (%s)", cfg.mode, len(train),
-             ", ".join(f"{k}: {len(v)} read" for k, v in rows.items()))
+             ", ".join(f"{k}: {v}" for k, v in read_stats.items()))
     out = Path(cfg.output_dir)
     done = finished_run(out, cfg) if cfg.resume else None
     if done is not None:
@@ -525,6 +596,10 @@ def run_train(cfg: TrainConfig) -> TrainResult:
         from peft import prepare_model_for_kbit_training
 
         lm = prepare_model_for_kbit_training(lm, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    if init_adapter:
+        from peft import PeftModel
+
+        lm = PeftModel.from_pretrained(lm, init_adapter, is_trainable=True)
     enc = encode_rows(tok, train, eot, cfg.max_length)
     enc_eval = encode_rows(tok, eval_raw, eot, cfg.max_length, "eval") if eval_raw else None
     load_s = time.time() - t_load
@@ -564,6 +639,10 @@ def run_train(cfg: TrainConfig) -> TrainResult:
         log.warning("--merge ignored: full fine-tuning already saved a complete model")
 
     metrics = _metrics(cfg, trainer, result, enc, wall, load_s, resume_from)
+    metrics["rows_read"] = read_stats
+    if cfg.mode in WEIGHTED:
+        metrics["bon_n"] = cfg.bon_n if cfg.mode != "rft" else None
+        metrics["round"] = list(round_) if round_ else [1, 1]
     write_json(out / "metrics.json", metrics)
     plot_loss(trainer.state.log_history, out / "loss.png", title=f"{cfg.mode} {'LoRA' if cfg.use_peft else 'full'}")
     return TrainResult(out, metrics, merged_dir, trainer)

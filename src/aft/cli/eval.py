@@ -45,6 +45,18 @@ def add_parser(sub) -> None:
     rs.add_argument("--title", default="Evaluation report", help="the report's title")
     rs.set_defaults(handler=rescore_main)
 
+    cv = esub.add_parser("curves", help="pass@k, BoN@k, majority@k and answer diversity per model from the cached "
+                                        "best-of-N samples (no model)",
+                         description="Reads the widest best_of_n:scorer=verifier records of every model in OUT "
+                                     "(e.g. aft eval run --strategies best_of_n:n=32,scorer=verifier) and writes "
+                                     "curves.json, curves.md and curves-<task>.png.")
+    cv.add_argument("out", help="the --out folder of `aft eval run`")
+    cv.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32], help="k values (default: 1 2 4 8 16 32)")
+    cv.add_argument("--subsets", type=int, default=200, help="random k-subsets per question for majority@k "
+                                                              "(default: 200)")
+    cv.add_argument("--n_boot", "--n-boot", type=int, default=2000, help="bootstrap replicates (default: 2000)")
+    cv.set_defaults(handler=curves_main)
+
     ex = esub.add_parser("export", help="write AlpacaEval or MT-Bench (FastChat) answer files",
                          description="Answer open-ended prompts with any strategy but majority vote and write the "
                                      "file the standard judges read. Flags override --config. Rerunning resumes.")
@@ -88,6 +100,19 @@ def report_main(args) -> int:
         print(f"  {r['task']:16s} {r['label']:16s} {r['strategy_label']:28s} accuracy {r['accuracy']:.3f} "
               f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]  {r['total_tokens']:.0f} tok/query")
     print(f"report: {path}")
+    return 0
+
+
+def curves_main(args) -> int:
+    from ..evaluate.curves import write_curves
+
+    if min(args.ks) < 1 or args.subsets < 1 or args.n_boot < 1:
+        raise AftError("--ks, --subsets and --n_boot must be >= 1")
+    for r in write_curves(args.out, tuple(sorted(set(args.ks))), args.subsets, args.n_boot):
+        pairs = ", ".join(f"k={k} {p[0]:.3f}/{m[0]:.3f}" for k, p, m in zip(r["k"], r["pass"], r["majority"]))
+        print(f"  {r['task']:16s} {r['label']:16s} pass/majority: {pairs}; distinct answers {r['diversity'][0]:.2f} "
+              f"of {r['n']}")
+    print(f"curves: {Path(args.out) / 'curves.md'}, curves.json, curves-<task>.png")
     return 0
 
 
