@@ -227,10 +227,10 @@ def rewrite_jsonl(path: str | Path, records: list[dict]) -> None:
 
 
 def write_json(path: str | Path, obj) -> None:
-    """Write a small JSON file atomically (temp file + rename)."""
+    """Write a small JSON file atomically (temp file + rename; the temp file is this process's own)."""
     path = Path(path)
     make_parent(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     tmp.replace(path)
 

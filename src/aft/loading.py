@@ -2,8 +2,9 @@
 reward-model scorer all load their weights here.
 
     load_pretrained(path, ...)   tokenizer + model, placed and typed; a PEFT adapter merged in
-    pick_dtype(dtype, device)    "auto" -> bf16 on GPUs (fp16 where bf16 is missing) and on CPUs with
-                                 AVX-512 BF16 / AMX, else fp32
+    pick_dtype(dtype, device, config)  "auto" -> bf16 on GPUs (fp16 where bf16 is missing); on CPUs the
+                                 faster of bf16 and fp32 for this model on this machine, measured once
+                                 and cached (dtype_probe.py)
     training_dtype(...)          the weights dtype for training (fp32 master weights where nothing else
                                  keeps them)
     placement(device)            the from_pretrained keyword arguments that put the weights where they go
@@ -30,14 +31,6 @@ log = logging.getLogger(__name__)
 DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 
 
-def cpu_has_bf16() -> bool:
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def default_device(device: str = "auto") -> str:
     """"auto" -> this process's GPU (cuda:$LOCAL_RANK) where there is one, else "cpu". A CUDA device asked
     for where torch sees none is an AftError."""
@@ -62,13 +55,20 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def pick_dtype(dtype: str, device: str):
+def pick_dtype(dtype: str, device: str, config=None):
+    """A torch dtype from its name. "auto": bf16 on GPUs (fp16 where bf16 is missing); on CPU the faster of
+    bf16 and fp32 for the model of `config` (a transformers config), probed once per machine and model shape
+    (dtype_probe.py); fp32 on CPU when no config is given."""
     import torch
 
     if dtype == "auto":
         if device.startswith("cuda"):
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if cpu_has_bf16() else torch.float32
+        if config is None:
+            return torch.float32
+        from .dtype_probe import cpu_dtype
+
+        return cpu_dtype(config)
     try:
         return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
                 "float16": torch.float16, "fp16": torch.float16}[dtype]
@@ -129,23 +129,25 @@ def load_pretrained(path: str, *, adapter: str | None = None, dtype=None, device
     "sequence-classification" (reward models). shard: see `sharding()`; None = no sharded training.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     device = default_device(device)
-    if dtype is None or isinstance(dtype, str):
-        dtype = pick_dtype(dtype or "auto", device)
-    kw = {"dtype": dtype, **placement(device, shard)}
-    if load_in_4bit:
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise AftError("load_in_4bit (QLoRA) needs bitsandbytes: pip install bitsandbytes") from None
-        if not device.startswith("cuda"):
-            raise AftError("load_in_4bit (QLoRA) needs a GPU")
-        kw["quantization_config"] = quantization_config(torch.bfloat16 if dtype == torch.float32 else dtype)
-    auto = {"causal-lm": AutoModelForCausalLM, "sequence-classification": AutoModelForSequenceClassification}[task]
     t = time.time()
     try:
+        if dtype is None or isinstance(dtype, str):
+            # CPU "auto" probes matmuls of the model's shapes, read from its config
+            cpu_auto = (dtype or "auto") == "auto" and not device.startswith("cuda")
+            dtype = pick_dtype(dtype or "auto", device, AutoConfig.from_pretrained(path) if cpu_auto else None)
+        kw = {"dtype": dtype, **placement(device, shard)}
+        if load_in_4bit:
+            try:
+                import bitsandbytes  # noqa: F401
+            except ImportError:
+                raise AftError("load_in_4bit (QLoRA) needs bitsandbytes: pip install bitsandbytes") from None
+            if not device.startswith("cuda"):
+                raise AftError("load_in_4bit (QLoRA) needs a GPU")
+            kw["quantization_config"] = quantization_config(torch.bfloat16 if dtype == torch.float32 else dtype)
+        auto = {"causal-lm": AutoModelForCausalLM, "sequence-classification": AutoModelForSequenceClassification}[task]
         # An adapter folder written by aft train holds the tokenizer it was trained with (its chat template).
         with_tokenizer = adapter and (Path(adapter) / "tokenizer_config.json").exists()
         tok = AutoTokenizer.from_pretrained(adapter if with_tokenizer else path)

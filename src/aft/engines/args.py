@@ -31,7 +31,8 @@ class EngineArgs:
                      "http://host:port/v1[#name] (OpenAI-compatible) or vllm:<model>", flags=("-m",), group=GROUP)
     engine: str = _opt("auto", "engine; auto picks from --model", choices=("auto",) + KINDS)
     context_window: int | None = _opt(None, "override the model's context window (tokens)", ge=1)
-    dtype: str = _opt("auto", "weights dtype", ("hf", "vllm"), choices=("auto", "float32", "bfloat16", "float16"))
+    dtype: str = _opt("auto", "weights dtype; auto: bf16 on GPUs, on CPU the faster of bf16 and fp32 "
+                      "for this model, measured once per machine (hf)", ("hf", "vllm"), choices=("auto", "float32", "bfloat16", "float16"))
     device: str = _opt("auto", "auto, cpu, cuda, cuda:1 ...", ("hf",))
     max_batch_rows: int = _opt(64, "most sequences decoded together", ("hf",), ge=1)
     api_key: str | None = _opt(None, "API key (default: $OPENAI_API_KEY, else 'EMPTY'); YAML or the "
