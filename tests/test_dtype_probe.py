@@ -64,3 +64,15 @@ def test_a_corrupt_cache_is_ignored_with_a_warning_and_replaced(cache, tiny_mode
     assert len(warned) == 1 and str(cache) in warned[0] and "probing again" in warned[0]
     (entry,) = entries(cache).values()  # rewritten with this probe alone
     assert model.dtype == getattr(torch, entry["dtype"])
+
+
+def test_the_chosen_dtype_is_recorded_in_the_run_config(cache, tiny_model_dir, tmp_path, capsys):
+    from aft.cli import main
+
+    (tmp_path / "q.jsonl").write_text('{"id": "a", "prompt": "Hi?"}\n')
+    out = tmp_path / "out.jsonl"
+    rc = main(["infer", "-i", str(tmp_path / "q.jsonl"), "-o", str(out), "--model", str(tiny_model_dir),
+               "-k", "1", "-l", "0", "--max-tokens", "2"])
+    assert rc == 0, capsys.readouterr().err
+    (entry,) = entries(cache).values()
+    assert json.loads((tmp_path / "out.jsonl.config.json").read_text())["engine"]["dtype"] == entry["dtype"]

@@ -76,6 +76,10 @@ class HFEngine(Engine):
     def count_tokens(self, messages: list[dict]) -> int:
         return len(self.encode(messages))
 
+    def describe(self) -> dict:
+        """As the base, plus the weights' dtype (what `--dtype auto` chose) and the device."""
+        return {**super().describe(), "dtype": str(self.lm.dtype).removeprefix("torch."), "device": str(self.device)}
+
     def num_parameters(self) -> int:
         """Every parameter of the model, tied ones counted once."""
         return sum(p.numel() for p in {id(p): p for p in self.lm.parameters()}.values())
