@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import write_jsonl
+from conftest import tiny_llama, write_jsonl
 
 QUESTIONS = [{"id": "add", "query": [{"role": "user", "content": "What is 3 + 4?"}]},
              {"id": "sky", "prompt": "What color is the sky?"}]
@@ -100,12 +100,42 @@ def test_kill_9_loses_only_queries_in_flight(tmp_path, tiny_model_dir, capsys):
     assert final[:len(first)] == first  # what was written before the kill is kept as it was
 
 
+@pytest.fixture(scope="module")
+def other_tiny_model_dir(tmp_path_factory, tokenizer):
+    """A second tiny model (other random weights), as a folder."""
+    out = tmp_path_factory.mktemp("tiny-model-b")
+    tiny_llama(tokenizer, seed=1).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def test_several_proposer_models(tmp_path, tiny_model_dir, other_tiny_model_dir, capsys):
+    """--proposers A B with K=3: A writes two proposals, B one, recorded per proposal; --model aggregates."""
+    a, b = str(tiny_model_dir), str(other_tiny_model_dir)
+    inp = write_jsonl(tmp_path / "q.jsonl", QUESTIONS)
+    out = tmp_path / "out.jsonl"
+    rc, stdout, stderr = aft(capsys, "infer", "-i", inp, "-o", out, "--model", a, "--proposers", a, b, "-k", 3,
+                             "-l", 2, "--max-tokens", 6)
+    assert rc == 0, stderr
+    for g in rows(out):
+        assert [o.get("proposer") for o in g["trace"][0]["outputs"]] == [a, a, b]
+        assert all("proposer" not in o for t in g["trace"][1:] for o in t["outputs"])
+        assert [len(t["outputs"]) for t in g["trace"]] == [3, 3, 1]
+    meta = json.loads((tmp_path / "out.jsonl.config.json").read_text())
+    assert meta["settings"]["proposers"] == [a, b] and [e["model"] for e in meta["proposers"]] == [a, b]
+    # other proposers are other settings: this output is not resumed with them
+    rc, _, stderr = aft(capsys, "infer", "-i", inp, "-o", out, "--model", a, "--proposers", b, "-k", 3, "-l", 2,
+                        "--max-tokens", 6)
+    assert rc == 2 and "proposers" in stderr
+
+
 @pytest.mark.parametrize("lines, flags, msg", [
     (['{"prompt": "ok"}', '{"prompt": "bad"'], [], "q.jsonl:2: malformed JSON"),
     (['{"query": [{"role": "wizard", "content": "x"}]}'], [], "q.jsonl:1: field \"query\": message 0 has unknown role"),
     (['{"text": "x"}'], [], "q.jsonl:1: no usable query"),
     (['{"prompt": "ok"}'], ["--model", "no/such-model-here"], "model 'no/such-model-here' not found; tried"),
     (['{"prompt": "ok"}'], ["--model", "./missing-folder"], "not found; tried"),
+    (['{"prompt": "ok"}'], ["--proposers", "./missing-proposer"], "model './missing-proposer' not found; tried"),
     (['{"prompt": "ok"}'], ["--config", "CFG"], "unknown key 'beam_width'"),
     (['{"prompt": "ok"}'], ["--style", "fancy"], "invalid choice"),
 ])

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import config as cfglib
-from .aggregate import PAConfig, plan, propose_and_aggregate
-from .engines.args import EngineArgs
+from .aggregate import PAConfig, PAEngine, plan
+from .engines.args import EngineArgs, ProposerArgs
 from .errors import AftError
 from .io import JsonlAppender, output_lock, read_queries
 from .manifest import Manifest, ResumeArgs
@@ -28,9 +28,10 @@ SAMPLE_QUESTIONS = Path(__file__).parent / "resources" / "sample_questions.jsonl
 
 
 @dataclass
-class PAArgs:
+class PAArgs(ProposerArgs):
     """The propose-and-aggregate options of a command that runs P&A (`aft infer`, `aft serve`): YAML keys
-    and flags; with the sampling settings (sampling_args) they make the PAConfig."""
+    and flags; with the sampling settings (sampling_args) they make the PAConfig, and with the engine
+    options (EngineArgs) the PAEngine (`open_pa`)."""
 
     n: int = cfglib.opt(5, "width K: proposals (and aggregations) per layer", flags=("-k",), ge=1)
     num_aggregation: int = cfglib.opt(2, "depth L: aggregation layers, the final one included", flags=("-l",), ge=0)
@@ -46,6 +47,17 @@ class PAArgs:
     def check(self) -> None:
         plan(self.pa())  # checks style / template file and the layers
 
+    def open_pa(self) -> PAEngine:
+        """Open --model (the aggregator) and --proposers, with this config's engine options, as one PAEngine."""
+        pa = self.pa()
+        self.resolve_proposers()
+        engine, _ = self.open(seed=self.seed)  # type: ignore[attr-defined]
+        try:
+            return PAEngine(engine, pa, self.open_proposers(engine, seed=self.seed))
+        except BaseException:
+            engine.close()
+            raise
+
 
 @dataclass
 class InferConfig(EngineArgs, sampling_args("aft"), PAArgs, ResumeArgs):
@@ -54,7 +66,8 @@ class InferConfig(EngineArgs, sampling_args("aft"), PAArgs, ResumeArgs):
                                         flags=("-i",))
     output_file: str | None = cfglib.opt(None, "output JSONL (appended, resumable); default: "
                                          "runs/infer/<input>-<config hash>.jsonl", flags=("-o",))
-    batch_size: int = cfglib.opt(8, "queries advanced together through the layers", ge=1, run=True)
+    batch_size: int = cfglib.opt(8, "queries advanced together through the layers (on a continuous engine: "
+                                 "queries in flight at once, each its own pipeline)", ge=1, run=True)
 
 
 # Keys of the official AFT config (configs/default.yaml of the released code) -> ours.
@@ -149,8 +162,9 @@ def _run_locked(cfg: InferConfig, pa: PAConfig, items: list, out_path: Path, run
         if not todo:
             log.info("all %d queries already done in %s", len(items), out_path)
             return summary
-        engine, _ = cfg.open(seed=cfg.seed)
-        run.write(engine=engine.describe(), layers=[dataclasses.asdict(layer) for layer in plan(pa)],
+        engine = cfg.open_pa()
+        more = {"proposers": [e.describe() for e in engine.proposers]} if cfg.proposers else {}
+        run.write(engine=engine.aggregator.describe(), **more, layers=[dataclasses.asdict(layer) for layer in plan(pa)],
                   prompt_style=dataclasses.asdict(pa.style))  # rebuilds the prompts exactly
         t0 = time.perf_counter()
         last_layer = plan(pa)[-1].index
@@ -163,7 +177,7 @@ def _run_locked(cfg: InferConfig, pa: PAConfig, items: list, out_path: Path, run
         try:
             for start in range(0, len(todo), cfg.batch_size):
                 chunk = todo[start:start + cfg.batch_size]
-                records = propose_and_aggregate(engine, [(it.id, it.query) for it in chunk], pa, on_layer)
+                records = engine.run([(it.id, it.query) for it in chunk], on_layer)
                 for it, rec in zip(chunk, records):
                     row = {**it.record, **rec.to_dict()}
                     out.write(row)

@@ -77,3 +77,38 @@ class EngineArgs:
         if self.context_window:
             engine.context_window = self.context_window
         return engine
+
+
+@dataclass
+class ProposerArgs:
+    """Several proposer models (MoA) for a command that runs P&A (infer, eval run, serve): a config that
+    inherits this and EngineArgs opens them with the same engine options as --model."""
+
+    proposers: list | None = opt(None, "P&A: models that write the proposals (each any --model value, local or "
+                                 "remote); --model then writes every aggregation. K proposals are spread over "
+                                 "them as evenly as K allows, the first ones writing one more")
+
+    def resolve_proposers(self) -> None:
+        """Look each proposer up (AftError naming it when it cannot be found), before any model is loaded."""
+        from ..models import resolve
+
+        kind = self.engine  # type: ignore[attr-defined]
+        for m in self.proposers or []:
+            resolve(m, None if kind == "auto" else kind)
+
+    def open_proposers(self, aggregator, seed: int | None = None) -> list | None:
+        """The proposer engines, None when not given; a model named twice, or the same as --model (whose
+        engine is `aggregator`), is opened once. Engines opened here are closed if a later one fails."""
+        if not self.proposers:
+            return None
+        opened = {self.model: aggregator}  # type: ignore[attr-defined]
+        try:
+            for m in self.proposers:
+                if m not in opened:
+                    opened[m] = self.open(m, seed=seed)[0]  # type: ignore[attr-defined]
+        except BaseException:
+            for m, e in opened.items():
+                if e is not aggregator:
+                    e.close()
+            raise
+        return [opened[m] for m in self.proposers]

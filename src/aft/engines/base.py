@@ -75,10 +75,21 @@ class Result:
     seeds: list[int | None] = field(default_factory=list)  # seed of each completion (None: unknown)
     seconds: float | None = None  # wall time spent on this request, when the engine measured it
     error: str | None = None  # why this request failed (then `completions` is empty)
+    # What the request cost when that is more than its prompt and completions (P&A: every layer's tokens); see usage()
+    usage_prompt_tokens: int | None = None
+    usage_completion_tokens: int | None = None
+    traces: list | None = None  # P&A (aggregate.PAEngine): the trace of each completion, a list of LayerTrace
 
     @classmethod
     def failed(cls, reason: str, prompt_tokens: int = 0) -> "Result":
         return cls(completions=[], prompt_tokens=prompt_tokens, error=reason)
+
+    def usage(self) -> tuple[int, int]:
+        """(prompt tokens, completion tokens) the request cost: every layer's for P&A."""
+        prompt = self.prompt_tokens if self.usage_prompt_tokens is None else self.usage_prompt_tokens
+        generated = (sum(c.tokens for c in self.completions) if self.usage_completion_tokens is None
+                     else self.usage_completion_tokens)
+        return prompt, generated
 
 
 # on_text(request_index, completion_index, delta): new text of one completion (see the module's docstring).

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import config as cfglib
-from ..engines.args import EngineArgs
+from ..engines.args import EngineArgs, ProposerArgs
 from ..errors import AftError
 from ..io import JsonlAppender, done_ids, output_lock, read_jsonl, write_json
 from ..manifest import Manifest, ResumeArgs
@@ -42,7 +42,7 @@ DEFAULT_STRATEGIES = ["greedy", "sample", "pa:k=4,l=1", "best_of_n:n=4,scorer=ve
 
 
 @dataclass
-class EvalConfig(EngineArgs, sampling_args("eval"), ResumeArgs):
+class EvalConfig(EngineArgs, sampling_args("eval"), ProposerArgs, ResumeArgs):
     out: str = opt("runs/eval", "output folder (cache, records, report)", flags=("-o",), run=True)
     label: str | None = opt(None, "name of this model in the report (default: from --model)", run=True)
     tasks: list = opt(["rg:arith1"], "tasks: rg:<reasoning-gym task or preset>, gsm8k:<file.jsonl>, "
@@ -137,15 +137,16 @@ class Summary:
     accuracy: dict = dataclasses.field(default_factory=dict)  # (task, strategy) -> mean over seeds and questions
 
 
-def run_eval(cfg: EvalConfig, engine=None, progress=None) -> Summary:
-    """Run every (task, strategy, seed) not yet cached. `engine`: an already built Engine (tests);
-    `progress(done, total, tokens)` after each chunk. One writer per --out folder (a lock beside it)."""
+def run_eval(cfg: EvalConfig, engine=None, progress=None, proposers=None) -> Summary:
+    """Run every (task, strategy, seed) not yet cached. `engine` (and `proposers`, in the order of
+    cfg.proposers): already built Engines (tests); `progress(done, total, tokens)` after each chunk. One
+    writer per --out folder (a lock beside it)."""
     cfg.check()
     with output_lock(cfg.out):
-        return _run_eval_locked(cfg, engine, progress)
+        return _run_eval_locked(cfg, engine, progress, proposers)
 
 
-def _run_eval_locked(cfg: EvalConfig, engine, progress) -> Summary:
+def _run_eval_locked(cfg: EvalConfig, engine, progress, proposers) -> Summary:
     sampling, style = cfg.sampling_settings(), cfg.prompt_style()
     strategies = sorted(cfg.strategy_list(), key=lambda s: -s.width)  # wide first: the cache serves the narrow
     seeds = cfg.seed_list()
@@ -159,18 +160,16 @@ def _run_eval_locked(cfg: EvalConfig, engine, progress) -> Summary:
     label = cfg.display_label()
     root = Path(cfg.out) / label
     summary = Summary(Path(cfg.out), label)
-    if engine is None:
-        spec = resolve(cfg.model, None if cfg.engine == "auto" else cfg.engine)
-        fp = model_fingerprint(cfg.model, spec.adapter or spec.path)
-    else:
-        fp = model_fingerprint(cfg.model or engine.model)
+    fp = _fingerprint(cfg, cfg.model) if engine is None else model_fingerprint(cfg.model or engine.model)
+    # P&A's proposal models (MoA): each has its own sample cache, and its weights are part of what P&A wrote
+    proposer_fps = [_fingerprint(cfg, m) if proposers is None else model_fingerprint(m) for m in cfg.proposers or []]
 
     jobs = []  # (task, strategy, seed, path, manifest, todo items)
     for task in tasks:
         for seed in seeds:
             for strat in strategies:
                 path = root / task.name / f"{strat.name}.seed{seed}.jsonl"
-                run = file_manifest(cfg, path, task, strat, seed, label, fp)
+                run = file_manifest(cfg, path, task, strat, seed, label, fp, proposer_fps)
                 run.check()
                 done = done_ids(path, failed=is_failed if cfg.retry_failed else None)
                 todo = [it for it in task.items if it.id not in done]
@@ -183,12 +182,28 @@ def _run_eval_locked(cfg: EvalConfig, engine, progress) -> Summary:
         own_engine = engine is None
         if own_engine:
             engine, spec = cfg.open()
+        own_proposers = proposers is None and any(s.kind == "pa" for s in strategies)
+        if own_proposers:
+            try:
+                proposers = cfg.open_proposers(engine)
+            except BaseException:
+                if own_engine:
+                    engine.close()
+                raise
         params = cfg.num_parameters or engine.num_parameters()
         run_meta = {"label": label, "model": cfg.model, "engine": engine.describe(), "num_parameters": params,
                     "model_fingerprint": fp, "config": cfglib.to_dict(cfg)}
+        if proposers:
+            run_meta.update(proposers=[e.describe() for e in proposers], proposer_fingerprints=proposer_fps)
         root.mkdir(parents=True, exist_ok=True)
         write_json(root / "run.json", run_meta)
-        cached = CachedEngine(engine, Path(cfg.out) / "cache" / f"{fp}.jsonl", fp) if cfg.cache else engine
+        # one cache per model (a proposer that is --model shares its cache)
+        caches = {id(engine): CachedEngine(engine, Path(cfg.out) / "cache" / f"{fp}.jsonl", fp) if cfg.cache else engine}
+        for e, pfp in zip(proposers or [], proposer_fps):
+            if id(e) not in caches:
+                caches[id(e)] = CachedEngine(e, Path(cfg.out) / "cache" / f"{pfp}.jsonl", pfp) if cfg.cache else e
+        cached = caches[id(engine)]
+        cached_proposers = [caches[id(e)] for e in proposers] if proposers else None
         scorer = _load_scorer(cfg, strategies)
         t0 = time.perf_counter()
         done_count = 0
@@ -202,7 +217,8 @@ def _run_eval_locked(cfg: EvalConfig, engine, progress) -> Summary:
                     summary.retried += out.retried
                     for start in range(0, len(todo), cfg.batch_size):
                         chunk = todo[start:start + cfg.batch_size]
-                        records = run_strategy(cached, task, chunk, strat, sampling, seed, scorer, style)
+                        records = run_strategy(cached, task, chunk, strat, sampling, seed, scorer, style,
+                                               cached_proposers)
                         questions = {it.id: question_text(it) for it in chunk}
                         for rec in records:
                             usage = rec["usage"]
@@ -220,11 +236,17 @@ def _run_eval_locked(cfg: EvalConfig, engine, progress) -> Summary:
                         log.info("%s %s seed %d: %d of %d questions done", task.name, strat.name, seed,
                                  min(start + cfg.batch_size, len(todo)), len(todo))
         finally:
-            if isinstance(cached, CachedEngine):
-                summary.cache_hits, summary.cache_misses = cached.hits, cached.misses
-                cached.close()
+            for c in caches.values():
+                if isinstance(c, CachedEngine):
+                    summary.cache_hits += c.hits
+                    summary.cache_misses += c.misses
+                    c.close()
             if scorer is not None:
                 scorer.close()
+            if own_proposers:
+                for e in {id(e): e for e in proposers or []}.values():
+                    if e is not engine:
+                        e.close()
             if own_engine:
                 engine.close()
     for task in tasks:
@@ -257,11 +279,14 @@ def _meta_path(path: Path) -> Path:
     return path.with_name(path.name.replace(".jsonl", ".meta.json"))
 
 
-def file_manifest(cfg: EvalConfig, path: Path, task, strat: Strategy, seed: int, label: str, fp: str) -> Manifest:
+def file_manifest(cfg: EvalConfig, path: Path, task, strat: Strategy, seed: int, label: str, fp: str,
+                  proposer_fps: list[str] = ()) -> Manifest:
     """The manifest of one records file: what changes its records (the model's weights, the sampling and
-    prompt settings, the task split, the strategy, the seed)."""
-    settings = {k: v for k, v in cfglib.output_settings(cfg).items() if k != "model"}
+    prompt settings, the task split, the strategy, the seed; for P&A with several proposers, theirs)."""
+    settings = {k: v for k, v in cfglib.output_settings(cfg).items() if k not in ("model", "proposers")}
     settings.update(model_fingerprint=fp, seed=seed, task=task.describe()["spec"], strategy=strat.name)
+    if strat.kind == "pa" and proposer_fps:
+        settings["proposer_fingerprints"] = list(proposer_fps)
     return Manifest(_meta_path(path), path, settings, {"task": task.describe(), "strategy": strat.to_dict(),
                                                         "seed": seed, "label": label, "model": cfg.model,
                                                         "model_fingerprint": fp,
@@ -271,6 +296,12 @@ def file_manifest(cfg: EvalConfig, path: Path, task, strat: Strategy, seed: int,
 
 def is_failed(record: dict) -> bool:
     return "error" in record
+
+
+def _fingerprint(cfg: EvalConfig, model: str) -> str:
+    """A model's fingerprint: its name and the weight files of the folder it resolves to."""
+    spec = resolve(model, None if cfg.engine == "auto" else cfg.engine)
+    return model_fingerprint(model, spec.adapter or spec.path)
 
 
 

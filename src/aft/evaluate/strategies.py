@@ -28,7 +28,7 @@ import re
 import time
 from dataclasses import dataclass, replace
 
-from ..aggregate import PAConfig, propose_and_aggregate
+from ..aggregate import PAConfig, PAEngine
 from ..data.scorers import failure, score_safely
 from ..data.verify import extract_answer
 from ..engines.base import Engine, Request, derive_seed, share_seconds
@@ -135,8 +135,9 @@ def proposal_request(query: list[dict], qid: str, n: int, sampling: Sampling, se
 
 
 def run_strategy(engine: Engine, task: Task, items: list, strategy: Strategy, sampling: Sampling, seed: int,
-                 scorer=None, style: PromptStyle = PromptStyle()) -> list[dict]:
+                 scorer=None, style: PromptStyle = PromptStyle(), proposers: list[Engine] | None = None) -> list[dict]:
     """Answer `items` (aft.data.sources.Item) with `strategy`; one record per item, in order.
+    `proposers`: P&A's proposal models (default: `engine`, which writes everything else).
 
     A record: id, response, extracted, correct, reference, usage (measured tokens and seconds),
     and what the strategy saw: candidates (best-of-N, majority) or the P&A trace.
@@ -147,7 +148,7 @@ def run_strategy(engine: Engine, task: Task, items: list, strategy: Strategy, sa
         raise AftError("best_of_n with the verifier needs checkable answers; open-ended questions need "
                        "scorer=reward_model")
     if strategy.kind == "pa":
-        records = _run_pa(engine, items, strategy, sampling, seed, style)
+        records = _run_pa(engine, items, strategy, sampling, seed, style, proposers)
     else:
         if strategy.kind == "greedy":
             reqs = [Request(proposer_messages(it.query, style),
@@ -265,9 +266,10 @@ def best_pick(scores: list[float | None]) -> int:
     return idx
 
 
-def _run_pa(engine: Engine, items, strategy: Strategy, sampling: Sampling, seed: int, style: PromptStyle) -> list[dict]:
+def _run_pa(engine: Engine, items, strategy: Strategy, sampling: Sampling, seed: int, style: PromptStyle,
+            proposers: list[Engine] | None = None) -> list[dict]:
     pa = PAConfig(n=strategy.k, num_aggregation=strategy.l, sampling=sampling, seed=seed, style=style)
-    out = propose_and_aggregate(engine, [(it.id, it.query) for it in items], pa)
+    out = PAEngine(engine, pa, proposers).run([(it.id, it.query) for it in items])
     records = []
     for qr in out:
         usage = Usage(seconds=qr.seconds)
