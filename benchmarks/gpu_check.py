@@ -15,7 +15,7 @@ Rows:
   greedy-gqa    our engine's greedy texts against `model.generate(do_sample=False)` on a batch of
   greedy-mha    mixed-length prompts, float32 (TF32 off), grouped-query and multi-head attention
   oom-guard     a batch whose KV cache does not fit a reduced memory fraction
-                (torch.cuda.set_per_process_memory_fraction): the engine splits the chunk and
+                (torch.cuda.set_per_process_memory_fraction): the engine admits fewer rows and
                 finishes every request; one request that cannot fit is a one-line AftError
   throughput    tokens/s of our engine against `generate` (num_return_sequences=n), bf16, at the
                 Llama-3.1-8B shape with 2 layers (hidden 4096, 32/8 heads, vocab 128256)
@@ -190,6 +190,7 @@ def check_oom_guard(device: str, tok, small: bool) -> None:
         torch.cuda.empty_cache()
         torch.cuda.set_per_process_memory_fraction(fraction, device)
         eng.max_batch_rows = 16 * n  # the memory, not the row cap, decides
+        eng.step_log = []
         try:
             t = time.perf_counter()
             out = eng.generate(reqs)
@@ -204,17 +205,20 @@ def check_oom_guard(device: str, tok, small: bool) -> None:
         finally:
             torch.cuda.set_per_process_memory_fraction(1.0, device)
             torch.cuda.empty_cache()
-        row("oom-guard", done == 16 and len(eng.chunk_rows) > 1,
-            f"memory fraction {fraction:.3f}: {done}/16 requests done in {len(eng.chunk_rows)} chunks "
-            f"(rows {eng.chunk_rows}) in {secs:.1f}s; a request too big for the GPU: {one_line}",
-            fraction=round(fraction, 4), chunks=eng.chunk_rows)
-    else:  # no OOM on CPU: the budget (as measured free memory on a GPU) sizes the chunks
+        admitted = [s["prefill"] for s in eng.step_log if "prefill" in s]
+        row("oom-guard", done == 16 and len(admitted) > 1,
+            f"memory fraction {fraction:.3f}: {done}/16 requests done in {len(admitted)} admissions "
+            f"(rows {admitted}) in {secs:.1f}s; a request too big for the GPU: {one_line}",
+            fraction=round(fraction, 4), admissions=admitted)
+    else:  # no OOM on CPU: the budget (as measured free memory on a GPU) sizes the admissions
         eng.memory_budget_bytes = int(whole / 3)
+        eng.step_log = []
         out = eng.generate(reqs)
         done = sum(len(r.completions) == n for r in out)
-        row("oom-guard", done == 16 and len(eng.chunk_rows) > 1,
-            f"CPU: no OOM here; a budget of a third of the batch's estimate gave chunks {eng.chunk_rows}, "
-            f"{done}/16 requests done (one request: {single / 2**20:.1f} MiB)", chunks=eng.chunk_rows)
+        admitted = [s["prefill"] for s in eng.step_log if "prefill" in s]
+        row("oom-guard", done == 16 and len(admitted) > 1,
+            f"CPU: no OOM here; a budget of a third of the batch's estimate gave admissions of {admitted} rows, "
+            f"{done}/16 requests done (one request: {single / 2**20:.1f} MiB)", admissions=admitted)
 
 
 def check_throughput(device: str, tok, small: bool) -> None:

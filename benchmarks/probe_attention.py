@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 
 from aft.engines.hf import HFEngine, attention
-from aft.engines.hf.cache import preallocated_cache
 from aft.models import embedded_model_dir
 
 
@@ -53,8 +52,13 @@ def prefill():
     eng = HFEngine.load(str(embedded_model_dir()), dtype="bfloat16", device="cpu")
     rng = random.Random(0)
     prompts = [[rng.randrange(100, 40000) for _ in range(n)] for n in (501, 628, 671, 620, 670, 580, 661, 667)]
-    padded = timed(lambda: eng._prefill_padded(prompts, preallocated_cache(eng.lm.config, 700)), 3)
-    grouped = timed(lambda: eng._prefill(prompts, 700), 3)
+    L = max(map(len, prompts))
+    ids = torch.tensor([[eng.pad_id] * (L - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts])
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    padded = timed(lambda: eng.lm(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                                  logits_to_keep=1), 3)
+    grouped = timed(lambda: eng._prefill(prompts), 3)
     print(f"prefill of 8 prompts ({sum(map(len, prompts))} tokens): one padded batch with a mask {padded:.2f} s, "
           f"grouped by length without padding {grouped:.2f} s ({padded / grouped:.2f}x)")
 

@@ -241,22 +241,24 @@ def test_keys_are_stored_transposed_on_cpu_only():
         assert layer.keys.shape == (2, 3, 25, 8) and (layer.keys.stride(-1) == 1) is contiguous_last_dim
 
 
-def test_chunks_are_sized_to_the_memory_budget(tokenizer):
+def test_rows_are_admitted_to_the_memory_budget(tokenizer):
     from aft.engines.base import Request, SamplingParams
     from aft.engines.hf import HFEngine
 
     eng = HFEngine(tiny_llama(tokenizer), tokenizer, display_name="tiny")
     reqs = [Request([{"role": "user", "content": f"question {i}"}], SamplingParams(n=2, temperature=0, max_tokens=4))
             for i in range(6)]
+    eng.step_log = []
     free = eng.generate(reqs)
-    assert eng.chunk_rows == [12]  # no budget on the CPU: one chunk
+    assert eng.step_log[0] == {"prefill": 12}  # no budget on the CPU: all at once
     plen = max(eng.count_tokens(r.messages) for r in reqs)
     # A budget that holds 3 requests (6 rows) of these, not 4:
     eng.memory_budget_bytes = eng.chunk_bytes(6, 3, plen, plen + 4) + 1
     assert eng.chunk_bytes(8, 4, plen, plen + 4) > eng.memory_budget_bytes
-    eng.chunk_rows.clear()
+    eng.step_log = []
     sized = eng.generate(reqs)
-    assert eng.chunk_rows == [6, 6]
+    decode_rows = [sum(s.values()) for s in eng.step_log if "prefill" not in s]
+    assert eng.step_log[0] == {"prefill": 6} and max(decode_rows) == 6
     assert [[c.text for c in r.completions] for r in sized] == [[c.text for c in r.completions] for r in free]
 
 
@@ -277,24 +279,3 @@ def test_chunk_bytes_at_the_papers_settings_exceeds_an_h200(tokenizer):
     assert eng.chunk_bytes(64, 13, prompt, prompt + 4096) > 141e9
     per_request = eng.chunk_bytes(5, 1, prompt, prompt + 4096)
     assert 10e9 < per_request < 40e9  # 6 rows x 24.7k positions x 128 KiB of K+V, and the rest
-
-
-def test_out_of_memory_splits_the_chunk_then_names_the_request(tokenizer):
-    """torch raises OutOfMemoryError only on a GPU; this engine raises it above 4 rows, as a small GPU would."""
-    from aft.engines.base import Request, SamplingParams
-    from aft.engines.hf import HFEngine
-
-    class SmallGPU(HFEngine):
-        def _generate_chunk(self, prompts, params):
-            if sum(p.n for p in params) > 4:
-                raise torch.OutOfMemoryError("CUDA out of memory")
-            return super()._generate_chunk(prompts, params)
-
-    eng = SmallGPU(tiny_llama(tokenizer), tokenizer, display_name="tiny")
-    reqs = [Request([{"role": "user", "content": f"q{i}"}], SamplingParams(n=2, temperature=0, max_tokens=3))
-            for i in range(5)]
-    out = eng.generate(reqs)
-    assert all(len(r.completions) == 2 for r in out) and max(eng.chunk_rows) <= 4 and sum(eng.chunk_rows) == 10
-    with pytest.raises(AftError, match=r"out of GPU memory on a single request \(6 samples") as e:
-        eng.generate([Request([{"role": "user", "content": "q"}], SamplingParams(n=6, max_tokens=3))])
-    assert "\n" not in str(e.value)

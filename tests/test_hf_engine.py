@@ -276,18 +276,23 @@ def test_buffer_layer_behaves_like_dynamic_layer_and_grows():
     assert buf.get_seq_length() == 7
 
 
-def test_buffer_layer_rows_are_left_padded_with_zeros():
+def test_buffer_layer_rebuild_moves_kept_rows_and_right_aligns_joining_ones():
     from aft.engines.hf.cache import buffer_layer_class
 
-    buf = buffer_layer_class()(capacity=10)
-    k2, v2 = torch.ones(1, 2, 2, 4), 2 * torch.ones(1, 2, 2, 4)
-    k4, v4 = 3 * torch.ones(2, 2, 4, 4), 4 * torch.ones(2, 2, 4, 4)
-    buf.put_rows([1], 2, k2, v2, batch=3)
-    buf.put_rows([0, 2], 0, k4, v4, batch=3)
-    buf.set_length(4)
-    assert buf.keys.shape == (3, 2, 4, 4)
-    assert torch.equal(buf.keys[1, :, :2], torch.zeros(2, 2, 4)) and torch.equal(buf.keys[1, :, 2:], k2[0])
-    assert torch.equal(buf.values[[0, 2]], v4)
+    g = torch.Generator().manual_seed(0)
+    buf = buffer_layer_class()(capacity=6)
+    old_k, old_v = torch.randn(2, 2, 5, 4, generator=g), torch.randn(2, 2, 5, 4, generator=g)
+    buf.update(old_k, old_v)
+    new_k, new_v = torch.randn(2, 2, 2, 4, generator=g), torch.randn(2, 2, 2, 4, generator=g)
+    # keep old row 1's last 3 positions; join new rows 1, 1, 0; every row ends at position 4 of 8
+    buf.rebuild(torch.tensor([1]), 5, 3, 4, 8, [(new_k, new_v, torch.tensor([1, 1, 0]))])
+    assert buf.keys.shape == (4, 2, 4, 4) and buf.capacity == 8 and buf.get_seq_length() == 4
+    assert torch.equal(buf.keys[0, :, 1:], old_k[1, :, 2:]) and torch.equal(buf.values[0, :, 1:], old_v[1, :, 2:])
+    assert torch.equal(buf.keys[1:, :, 2:], new_k[[1, 1, 0]]) and torch.equal(buf.values[1:, :, 2:], new_v[[1, 1, 0]])
+    assert not buf.keys[0, :, :1].any() and not buf.keys[1:, :, :2].any()  # left padding: zeros (never NaN)
+    k, v = torch.randn(4, 2, 1, 4, generator=g), torch.randn(4, 2, 1, 4, generator=g)
+    buf.update(k, v)  # the next step writes position 4 in place
+    assert torch.equal(buf.keys[:, :, 4:], k) and buf.get_seq_length() == 5
 
 
 def test_decode_attention_equals_sdpa():
@@ -309,15 +314,18 @@ def test_decode_attention_equals_sdpa():
 
 
 def test_grouped_prefill_equals_one_padded_batch(engine):
-    prompts = [engine.encode(msgs(q)) for q in QUESTIONS + ["Hi"]]  # two prompts of one length
+    seqs = [engine.encode(msgs(q)) for q in QUESTIONS + ["Hi"]]  # two prompts of one length
+    L = max(map(len, seqs))
+    ids = torch.tensor([[engine.pad_id] * (L - len(p)) + p for p in seqs])
+    mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in seqs])
     with torch.inference_mode():
-        cache, logits = engine._prefill(prompts, 64)
-        from aft.engines.hf.cache import preallocated_cache
-
-        padded = preallocated_cache(engine.lm.config, 64)
-        ref = engine._prefill_padded(prompts, padded)
-    assert torch.allclose(logits, ref, atol=1e-4)
-    L = max(map(len, prompts))
-    for b, p in enumerate(prompts):  # the prompt's own positions hold the same keys
-        assert torch.allclose(cache.layers[0].keys[b, :, L - len(p):], padded.layers[0].keys[b, :, L - len(p):],
+        blocks, place, logits = engine._prefill(seqs)
+        ref = engine.lm(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                        use_cache=True)
+    assert len(blocks) == 3 and all(b.mask is None for b in blocks)  # 3 lengths, no padding in any
+    assert place[0][0] == place[3][0] != place[1][0]
+    assert torch.allclose(logits, ref.logits[:, -1], atol=1e-4)
+    for s, p in enumerate(seqs):  # the prompt's own positions hold the same keys
+        b, i = place[s]
+        assert torch.allclose(blocks[b].layers[0][0][i], ref.past_key_values.layers[0].keys[s, :, L - len(p):],
                               atol=1e-4)

@@ -68,14 +68,35 @@ def buffer_layer_class():
             self.length = n
             self.keys, self.values = self.kbuf[:, :, :n], self.vbuf[:, :, :n]
 
-        def put_rows(self, rows: list[int], start: int, keys, values, batch: int) -> None:
-            """Write keys/values of `len(rows)` sequences at positions start.. of those batch rows."""
+        def rebuild(self, keep: torch.Tensor, end: int, width: int, length: int, capacity: int, joins) -> None:
+            """Lay the rows out anew in buffers of `capacity` positions, each row's last position at `length` - 1:
+            first the rows `keep` of this layer with their `width` positions before `end`, then each join's rows
+            (`joins`: (keys, values, index), keys (b, h, n, d) of a prefill, rows `index` of them)."""
+            ref_v = self.vbuf if self.is_initialized else joins[0][1]
             if not self.is_initialized:
-                self.lazy_initialization(keys, values, batch)
-            idx = torch.tensor(rows, device=keys.device)
-            end = start + keys.shape[-2]
-            self.kbuf[idx, :, start:end] = keys
-            self.vbuf[idx, :, start:end] = values
+                self.dtype, self.device = ref_v.dtype, ref_v.device
+                self.transposed = keys_transposed(self.device)
+                dk = joins[0][0].shape[-1]
+                self.is_initialized = True
+            else:
+                dk = self.kbuf.shape[-1]
+            rows = len(keep) + sum(len(index) for _, _, index in joins)
+            heads, dv = ref_v.shape[1], ref_v.shape[-1]
+            kstore = ref_v.new_zeros((rows, heads, dk, capacity) if self.transposed else (rows, heads, capacity, dk))
+            vbuf = ref_v.new_zeros((rows, heads, capacity, dv))
+            kbuf = kstore.transpose(-1, -2) if self.transposed else kstore
+            if len(keep) and width:
+                kbuf[:len(keep), :, length - width:length] = self.kbuf[keep, :, end - width:end]
+                vbuf[:len(keep), :, length - width:length] = self.vbuf[keep, :, end - width:end]
+            r = len(keep)
+            for keys, values, index in joins:
+                n = keys.shape[-2]
+                kbuf[r:r + len(index), :, length - n:length] = keys[index]
+                vbuf[r:r + len(index), :, length - n:length] = values[index]
+                r += len(index)
+            self.capacity = capacity
+            self._alloc(kstore, vbuf)
+            self.set_length(length)
 
         def update(self, key_states, value_states, *args, **kwargs):
             if not self.is_initialized:

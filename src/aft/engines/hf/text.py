@@ -7,9 +7,16 @@ leading space; the new text is the difference between the window with and withou
 A character whose bytes are not all generated yet decodes to U+FFFD: it waits for its last byte.
 A stop string not in the text before must end in the new text, so only the last `len(new text) +
 longest stop - 1` characters are searched.
+
+Streaming (`ready`) sends the text except a tail that could be the start of a stop string: that waits
+until it is either a stop (then cut) or not; so the deltas concatenate to the final, cut, text.
 """
 
 from __future__ import annotations
+
+import logging
+
+log = logging.getLogger(__name__)
 
 
 class RowText:
@@ -20,6 +27,7 @@ class RowText:
         self.text = ""  # the decoded text so far (a character whose bytes are incomplete excluded)
         self._prefix = self._read = 0  # the window is tokens[_prefix:]; tokens[_prefix:_read] are context
         self._seen = 0  # characters of the window's text already in `text`
+        self.sent = 0  # characters of `text` streamed so far
 
     def add(self, tokens: list[int]) -> bool:
         """Take the row's tokens (one more than last time, or more); True when the new tail holds a stop string."""
@@ -36,6 +44,29 @@ class RowText:
         start = max(0, len(self.text) - self.longest + 1)
         self.text += new
         return any(s in self.text[start:] for s in self.stops)
+
+
+    def ready(self) -> str:
+        """The text not streamed yet, less a tail that could be the start of a stop string."""
+        hold = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(self.text)), hold, -1):
+                if self.text.endswith(s[:k]):
+                    hold = k
+                    break
+        end = len(self.text) - hold
+        delta = self.text[self.sent:end]
+        self.sent = max(self.sent, end)
+        return delta
+
+    def rest(self, final: str) -> str:
+        """At the row's end: what of its final text (stop strings cut) is not streamed yet."""
+        sent = self.text[:self.sent]
+        if not final.startswith(sent):  # not expected: the tokenizer decodes a window unlike the whole row
+            log.warning("streamed text %r is not a prefix of the final text %r", sent[-40:], final[-40:])
+            return ""
+        self.sent = len(final)
+        return final[len(sent):]
 
 
 def find_stop(text: str, stops) -> int | None:
