@@ -104,7 +104,9 @@ class HFEngine(Engine):
     # -------------------------------------------------------------- generation
     def generate(self, requests: list[Request], on_text: OnText | None = None) -> list[Result]:
         """Answer the requests; `on_text(request_index, completion_index, delta)` gets each completion's text
-        as it is generated. May be called from several threads at once: their rows decode together."""
+        as it is generated. May be called from several threads at once: their rows decode together. `on_text`
+        runs on the thread driving the decode loop (perhaps another caller's): keep it short, and do not
+        call `generate` from it."""
         prompts = [self.encode(r.messages) for r in requests]
         results: list[Result | None] = [None] * len(requests)
         for i, p in enumerate(prompts):  # a prompt that does not fit fails alone

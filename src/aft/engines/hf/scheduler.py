@@ -6,9 +6,10 @@ decode steps new requests are prefilled and their rows join the running batch (`
 finished rows leave it in bulk. Each call returns when its own requests are done; `on_text` is called
 from the driving thread, which may be another caller's.
 
-When rows join: at once into an empty batch; else when the rebuild pays: a quarter of the rows are done
-(the batch is rebuilt to drop them anyway), the waiting rows are at least a quarter of the live ones,
-or the oldest has waited `MAX_WAIT_STEPS` steps. Admission is in queue order while the rows fit
+When rows join: at once into an empty batch; else when the rebuild (a copy of the cache) pays: a quarter
+of the rows are done (the batch is rebuilt to drop them anyway), a quarter of `max_batch_rows` is free
+(a lightly loaded batch takes newcomers at once), or the oldest waiting request has waited
+`MAX_WAIT_STEPS` steps (a full batch does not rebuild for every few rows that leave). Admission is in queue order while the rows fit
 `max_batch_rows` and (on a GPU) the memory estimate fits the budget.
 
 Out of GPU memory: a prefill that fails puts its requests back and admits half as many rows next time;
@@ -209,12 +210,10 @@ class Scheduler:
             if not self.queue:
                 return None
             live = batch.live
-            done_rows = len(batch.rows) - live
-            waiting_rows = sum(len(w.rows) for w in self.queue)
-            if batch.rows and not (4 * done_rows >= len(batch.rows) or 4 * waiting_rows >= live
+            cap = e.max_batch_rows if self.row_cap is None else self.row_cap
+            if batch.rows and not (4 * (len(batch.rows) - live) >= len(batch.rows) or 4 * (cap - live) >= cap
                                    or self.steps - self.queue[0].since >= MAX_WAIT_STEPS):
                 return None
-            cap = e.max_batch_rows if self.row_cap is None else self.row_cap
             budget = e.memory_budget()
             taken: list[Waiting] = []
             rows = live
