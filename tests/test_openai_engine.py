@@ -317,7 +317,9 @@ def test_split_total():
 # the hosted OpenAI API do; every request body is recorded.
 
 class FakeServer:
-    """Answers /v1/chat/completions with "sample <seed>" choices; `refuse(body)` -> (status, error) or None."""
+    """Answers /v1/chat/completions with "sample <seed>" choices; `refuse(body)` -> (status, error) or None.
+    With stream=true: server-sent events, one word of each choice per event, choices interleaved, then a usage
+    event when stream_options.include_usage asks for it (as vLLM does)."""
 
     def __init__(self, refuse):
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -334,11 +336,13 @@ class FakeServer:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 fake.bodies.append(body)
                 refusal = refuse(body)
+                text = f"sample {body.get('seed')} of {body.get('messages')[-1]['content']}"
+                n = body.get("n", 1)
+                if not refusal and body.get("stream"):
+                    return self.stream(body, [f"{text} #{i}" for i in range(n)])
                 if refusal:
                     status, out = refusal[0], {"error": refusal[1]}
                 else:
-                    text = f"sample {body.get('seed')} of {body.get('messages')[-1]['content']}"
-                    n = body.get("n", 1)
                     out = {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
                            "choices": [{"index": i, "message": {"role": "assistant", "content": f"{text} #{i}"},
                                         "finish_reason": "stop"} for i in range(n)],
@@ -350,6 +354,26 @@ class FakeServer:
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
+
+            def stream(self, body, texts):
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.end_headers()
+                head = {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": body["model"]}
+                words = [t.split(" ") for t in texts]
+                for w in range(max(len(ws) for ws in words)):
+                    for i, ws in enumerate(words):
+                        if w < len(ws):
+                            last = w == len(ws) - 1
+                            delta = {"content": ws[w] + ("" if last else " ")}
+                            choice = {"index": i, "delta": delta, "finish_reason": "stop" if last else None}
+                            self.wfile.write(f"data: {json.dumps({**head, 'choices': [choice]})}\n\n".encode())
+                            self.wfile.flush()
+                if body.get("stream_options", {}).get("include_usage"):
+                    usage = {"prompt_tokens": 5, "completion_tokens": 4 * len(texts), "total_tokens": 5 + 4 * len(texts)}
+                    self.wfile.write(f"data: {json.dumps({**head, 'choices': [], 'usage': usage})}\n\n".encode())
+                self.wfile.write(b"data: [DONE]\n\n")
+                self.close_connection = True
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
@@ -406,6 +430,42 @@ def test_llama_cpp_refusing_n_falls_back_to_single_samples(fake):
     assert sorted(b["n"] for b in srv.bodies) == [1] * 5
     assert [c.text for c in again.completions] == [c.text for c in first.completions]
     assert len(other.completions) == 2
+
+
+def collect():
+    """An on_text that gathers the deltas of each completion (and counts them)."""
+    got: dict = {}
+
+    def on_text(i, j, delta):
+        got.setdefault((i, j), []).append(delta)
+
+    return got, on_text
+
+
+def test_streamed_texts_arrive_in_pieces_and_add_up(fake):
+    srv = fake(lambda body: None)
+    eng = client(srv.url, model="m")
+    got, on_text = collect()
+    reqs = [Request(msgs("q"), SamplingParams(n=2, seed=3, max_tokens=8)), Request(msgs("r"), SamplingParams(seed=4))]
+    res = eng.generate(reqs, on_text)
+    assert all(b["stream"] and b["stream_options"] == {"include_usage": True} for b in srv.bodies)
+    assert {k: "".join(v) for k, v in got.items()} == {(i, j): c.text for i, r in enumerate(res)
+                                                       for j, c in enumerate(r.completions)}
+    assert all(len(v) > 1 for v in got.values())  # streamed word by word, not whole
+    assert res[0].completions[0].text == "sample 3 of q #0" and res[0].prompt_tokens == 5
+    assert [c.tokens for c in res[0].completions] == split_total(8, ["sample 3 of q #0", "sample 3 of q #1"])
+    assert eng.generate(reqs)[0].completions == res[0].completions  # the same answers without streaming
+
+
+def test_streaming_falls_back_where_the_server_refuses_n_or_stop(fake):
+    srv = fake(llama_cpp)
+    got, on_text = collect()
+    [res] = client(srv.url, model="m").generate([Request(msgs("q"), SamplingParams(n=2, seed=3))], on_text)
+    assert {k: "".join(v) for k, v in got.items()} == {(0, j): c.text for j, c in enumerate(res.completions)}
+    srv = fake(hosted_openai)  # refuses stop: the texts are cut here, then passed on whole
+    got, on_text = collect()
+    [res] = client(srv.url, model="m").generate([Request(msgs("q"), SamplingParams(seed=3, stop=(" of",)))], on_text)
+    assert res.completions[0].text == "sample 3" and got == {(0, 0): ["sample 3"]}
 
 
 def test_a_bad_request_with_n_is_not_taken_for_a_refusal_of_n(server):

@@ -52,6 +52,14 @@ answered.
 While calls are unanswered a log line every `min(30 s, timeout / 3)` says how
 many, for how long, and from which server.
 
+Streaming: with `on_text`, each call is made with `stream=True` (and
+`stream_options.include_usage`, for the token counts) and each choice's text
+is passed on as it arrives. A server that refuses stop strings gets no stream:
+its texts are cut here and passed on whole; so does a server that refuses
+`stream` (a 400 naming it, remembered like the parameters above). A stream
+that breaks is an error
+like any other (the client retries only before the first byte).
+
 Token counts: `usage` gives the prompt tokens, and the completion tokens of all
 n choices together. With a `tokenizer` each choice is counted exactly;
 without one the total is split across the choices in proportion to their text
@@ -72,7 +80,7 @@ import openai
 
 from ..errors import AftError
 from .args import EngineArgs
-from .base import Completion, Engine, OnText, Request, Result, SamplingParams, emit_whole, sample_seeds
+from .base import Completion, Engine, OnText, Request, Result, SamplingParams, sample_seeds
 
 log = logging.getLogger(__name__)
 
@@ -136,16 +144,16 @@ class OpenAIEngine(Engine):
                 calls += [(i, [j], seed) for j, seed in enumerate(_fallback_seeds(r.params))]
             else:
                 calls.append((i, list(range(r.params.n)), r.params.seed))
-        self._run(requests, results, calls)
+        self._run(requests, results, calls, on_text)
         # Round 2: samples a server left out (it ignored n), one n=1 call each with its own seed.
         missing = [(i, [j], _fallback_seeds(requests[i].params)[j])
                    for i, res in enumerate(results) if res.error is None
                    for j, c in enumerate(res.completions) if c is None]
         if missing:
-            self._run(requests, results, missing)
+            self._run(requests, results, missing, on_text)
         if any(c is None for res in results if res.error is None for c in res.completions):
             raise AftError(f"{self.base_url} (model {self.model!r}): the server returned no choices for a request")
-        return emit_whole(results, on_text)
+        return results
 
     def count_tokens(self, messages: list[dict]) -> int | None:
         if self.tokenizer is None:
@@ -162,10 +170,13 @@ class OpenAIEngine(Engine):
         self.client.close()
 
     # -------------------------------------------------------------- internals
-    def _run(self, requests: list[Request], results: list[Result], calls: list[tuple]) -> None:
+    def _run(self, requests: list[Request], results: list[Result], calls: list[tuple], on_text) -> None:
         """Run calls (request index, sample slots, seed) on the pool and put the choices in their slots."""
-        futures = [self._pool.submit(self._call, requests[i].messages, requests[i].params, len(slots), seed)
-                   for i, slots, seed in calls]
+        def emit(i, slots):  # the call's choice k is completion slots[k] of request i
+            return None if on_text is None else lambda k, delta: on_text(i, slots[k], delta)
+
+        futures = [self._pool.submit(self._call, requests[i].messages, requests[i].params, len(slots), seed,
+                                     emit(i, slots)) for i, slots, seed in calls]
         try:
             self._wait_saying_so(futures)
             for (i, slots, seed), fut in zip(calls, futures):
@@ -210,10 +221,12 @@ class OpenAIEngine(Engine):
             elif got >= asked and self.honours_n is None:
                 self.honours_n = True
 
-    def _body(self, messages: list[dict], p: SamplingParams, n: int, seed: int | None) -> dict:
+    def _body(self, messages: list[dict], p: SamplingParams, n: int, seed: int | None, stream: bool = False) -> dict:
         """The keyword arguments of one chat.completions call, less what the server refused."""
         kw: dict = dict(model=self.model, messages=messages, n=n, temperature=p.temperature, top_p=p.top_p,
                         max_tokens=p.max_tokens)
+        if stream:
+            kw.update(stream=True, stream_options={"include_usage": True})
         if p.stop:
             kw["stop"] = list(p.stop)
         if seed is not None:
@@ -231,16 +244,20 @@ class OpenAIEngine(Engine):
             kw["extra_body"] = extra
         return kw
 
-    def _call(self, messages: list[dict], p: SamplingParams, n: int, seed: int | None) -> tuple[list[Completion], int]:
+    def _call(self, messages: list[dict], p: SamplingParams, n: int, seed: int | None,
+              emit=None) -> tuple[list[Completion], int]:
         """One chat.completions call -> (completions, prompt tokens).
 
         Fewer completions than n come back when the server ignores or refuses n
         (the caller fetches the rest); a refused parameter is dropped and the call retried.
+        `emit(k, delta)`: stream choice k's text (see the module's docstring).
         """
         probing = n > 1 and self.honours_n is None  # does the server take n? Ask once, without retries
         client = self.client.with_options(max_retries=0) if probing else self.client
         while True:
-            kw = self._body(messages, p, n, seed)
+            # Stop strings the server refused are cut here, once the text is whole: those texts are not streamed.
+            kw = self._body(messages, p, n, seed, emit is not None and not (p.stop and "stop" in self.refused))
+            stream = bool(kw.get("stream"))  # unless the server refused to stream
             try:
                 resp = client.chat.completions.create(**kw)
                 break
@@ -250,24 +267,30 @@ class OpenAIEngine(Engine):
                         continue
                     if probing and e.status_code in _REFUSES_N and e.param in (None, "n"):
                         self._refuses_n(n, e)
-                        return self._call(messages, p, 1, seed)
+                        return self._call(messages, p, 1, seed, emit)
                 status = getattr(e, "status_code", None)
                 if probing and (status is None or status in (408, 409, 429) or status >= 500):
                     probing, client = False, self.client  # busy, flaky or unreachable: ask again, with retries
                     continue
                 raise self._error(e) from e
-        if not hasattr(resp, "choices"):  # the client hands back the body as text when it is not JSON
-            raise AftError(f"{self.base_url} (model {self.model!r}): the reply is not an OpenAI chat completion "
-                           f"(is this an OpenAI-compatible /v1 URL?): {_one_line(resp)[:120]!r}")
-        choices = sorted(resp.choices, key=lambda c: c.index)[:n]
-        texts = [c.message.content or "" for c in choices]
-        finish = ["length" if c.finish_reason == "length" else "stop" for c in choices]
+        if stream:
+            texts, finish, usage = self._read_stream(resp, n, emit)
+        else:
+            if not hasattr(resp, "choices"):  # the client hands back the body as text when it is not JSON
+                raise AftError(f"{self.base_url} (model {self.model!r}): the reply is not an OpenAI chat completion "
+                               f"(is this an OpenAI-compatible /v1 URL?): {_one_line(resp)[:120]!r}")
+            choices = sorted(resp.choices, key=lambda c: c.index)[:n]
+            texts = [c.message.content or "" for c in choices]
+            finish = ["length" if c.finish_reason == "length" else "stop" for c in choices]
+            usage = resp.usage
         if p.stop and "stop" in self.refused:  # the server does not take stop strings: apply them here
             for k, t in enumerate(texts):
                 cut = min((t.find(s) for s in p.stop if s in t), default=-1)
                 if cut >= 0:
                     texts[k], finish[k] = t[:cut], "stop"
-        usage = resp.usage
+        if emit is not None and not stream:
+            for k, t in enumerate(texts):
+                emit(k, t)
         if self.tokenizer is not None:
             tokens = [len(self.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
         elif usage is not None and usage.completion_tokens is not None:
@@ -277,6 +300,31 @@ class OpenAIEngine(Engine):
         completions = [Completion(text=t, tokens=k, finish_reason=f) for t, k, f in zip(texts, tokens, finish)]
         prompt_tokens = usage.prompt_tokens if usage is not None and usage.prompt_tokens is not None else 0
         return completions, prompt_tokens
+
+    def _read_stream(self, stream, n: int, emit) -> tuple[list[str], list[str], object]:
+        """Read a streamed reply, passing each choice's new text to `emit` -> (texts, finish reasons, usage)
+        of the choices that came, in index order."""
+        texts, finish, usage, seen = [""] * n, ["stop"] * n, None, set()
+        try:
+            for chunk in stream:
+                usage = getattr(chunk, "usage", None) or usage  # the last chunk, with include_usage
+                for c in chunk.choices or []:
+                    if c.index >= n:
+                        continue
+                    seen.add(c.index)
+                    delta = c.delta.content if c.delta is not None else None
+                    if delta:
+                        texts[c.index] += delta
+                        emit(c.index, delta)
+                    if c.finish_reason:
+                        finish[c.index] = "length" if c.finish_reason == "length" else "stop"
+        except openai.OpenAIError as e:
+            raise self._error(e) from e
+        except (AttributeError, TypeError, ValueError) as e:
+            raise AftError(f"{self.base_url} (model {self.model!r}): the reply is not an OpenAI chat completion "
+                           f"stream (is this an OpenAI-compatible /v1 URL?): {_one_line(e)}") from None
+        order = sorted(seen)
+        return [texts[k] for k in order], [finish[k] for k in order], usage
 
     def _refuses_n(self, n: int, e: openai.APIStatusError) -> None:
         with self._lock:
@@ -302,6 +350,7 @@ class OpenAIEngine(Engine):
                 self.refused.add(name)
                 effect = {"max_tokens": "sending max_completion_tokens instead",
                           "stop": "cutting the texts at the stop strings here",
+                          "stream": "passing each text on whole when it is done",
                           "temperature": "the server's own temperature applies",
                           "top_p": "the server's own top_p applies"}.get(name, "leaving it out")
                 level = logging.WARNING if name in ("temperature", "top_p") else logging.INFO
