@@ -237,15 +237,15 @@ def test_cli_build_on_policy_with_teacher(tmp_path, tiny_model_dir, capsys):
 
 def test_teacher_behind_an_openai_compatible_server(tmp_path, tiny_engine):
     """`teacher: http://host/v1` goes through the OpenAI engine to a real server on 127.0.0.1."""
-    from aft.serve import start_server
+    from aft.serve import Limits, start_server
 
-    server, url = start_server(tiny_engine)
+    server, url = start_server(tiny_engine, limits=Limits(max_batch=1))  # one at a time, as called directly below
     try:
         cfg = DataConfig(out=str(tmp_path / "o"), input_file=str(UF), n_prompts=2, k=2, target="teacher",
                          teacher=url, teacher_max_tokens=8, teacher_temperature=1.0, scorer="none")
         assert run_build(cfg).rows == 2
     finally:
-        server.shutdown()
+        server.close()
     for r in rows(tmp_path / "o" / "aft.jsonl"):
         seed = r["meta"]["seeds"]["teacher"]
         direct = tiny_engine.generate([Request(r["prompt"], SamplingParams(n=1, temperature=1.0, max_tokens=8,

@@ -3,11 +3,13 @@
 No mocks: a random-init Llama (hidden 64, 2 layers) with the embedded model's
 tokenizer runs in HFEngine behind start_server on 127.0.0.1; the client is the
 openai package. Greedy / seeded outputs through the server are compared with
-the same engine called directly.
+the same engine called directly (the server runs one request at a time,
+max_batch=1, so that both see the same batch shapes).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
 import time
@@ -26,7 +28,7 @@ from aft.engines.openai import OpenAIEngine, split_total
 from aft.errors import AftError
 from aft.models import ModelSpec
 from aft.prompts import PromptStyle
-from aft.serve import start_server
+from aft.serve import Limits, start_server
 
 MODEL = "tiny-llama"
 
@@ -43,11 +45,24 @@ def engine(tokenizer):
     return HFEngine(LlamaForCausalLM(cfg), tok, display_name=MODEL)
 
 
-def _serve(engine, **opts):
-    server, url = start_server(engine, **opts)
+def _serve(engine):
+    server, url = start_server(engine, limits=Limits(max_batch=1))
     yield server, url
-    server.shutdown()
-    server.server_close()
+    server.close()
+
+
+class IgnoresN(Engine):
+    """The engine behind a server that ignores n (llama.cpp's, some hosted ones): one choice per request."""
+
+    def __init__(self, inner):
+        self.inner, self.model, self.context_window = inner, inner.model, inner.context_window
+
+    def generate(self, requests, on_text=None):
+        return self.inner.generate([Request(r.messages, dataclasses.replace(r.params, n=1)) for r in requests],
+                                   on_text)
+
+    def count_tokens(self, messages):
+        return self.inner.count_tokens(messages)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +72,7 @@ def server(engine):
 
 @pytest.fixture(scope="module")
 def server_ignoring_n(engine):
-    yield from _serve(engine, honour_n=False)
+    yield from _serve(IgnoresN(engine))
 
 
 def msgs(text="Hello there"):
@@ -86,9 +101,9 @@ def test_n_honoured(engine, server):
     srv, url = server
     eng = client(url, model=MODEL)
     p = SamplingParams(n=3, temperature=1.0, max_tokens=8, seed=5)
-    before = srv.stats["requests"]
+    before = srv.metrics.count()
     [res] = eng.generate([Request(msgs(), p)])
-    assert srv.stats["requests"] - before == 1  # one call carries all n samples
+    assert srv.metrics.count() - before == 1  # one call carries all n samples
     assert eng.honours_n is True
     [direct] = engine.generate([Request(msgs(), p)])  # the server runs the same engine with the same seeds
     assert [c.text for c in res.completions] == [c.text for c in direct.completions]
@@ -112,17 +127,17 @@ def test_fallback_when_server_ignores_n(server_ignoring_n):
     srv, url = server_ignoring_n
     eng = client(url, model=MODEL)
     p = SamplingParams(n=3, temperature=1.0, max_tokens=6, seed=11)
-    before = srv.stats["requests"]
+    before = srv.metrics.count()
     [first] = eng.generate([Request(msgs(), p)])
-    assert srv.stats["requests"] - before == 3  # the probe with n=3 (1 choice back) + 2 single calls
+    assert srv.metrics.count() - before == 3  # the probe with n=3 (1 choice back) + 2 single calls
     assert eng.honours_n is False
     assert len(first.completions) == 3 and len({c.text for c in first.completions}) == 3
     assert first.seeds == [11, derive_seed(11, 1), derive_seed(11, 2)]
     assert all(c.tokens > 0 for c in first.completions)
     # Remembered: the next call goes straight to one call per sample, and gives the same samples.
-    before = srv.stats["requests"]
+    before = srv.metrics.count()
     [again] = eng.generate([Request(msgs(), p)])
-    assert srv.stats["requests"] - before == 3
+    assert srv.metrics.count() - before == 3
     assert [c.text for c in again.completions] == [c.text for c in first.completions]
 
 
@@ -149,17 +164,19 @@ def test_top_k_reaches_the_server(server):
 
 class WaitsForCompany(Engine):
     """The engine, except that its first call waits (up to 10 s) until a second request is in the server: a
-    client that sends two at once is then seen with two in flight, whatever the timing."""
+    client that sends two at once is then seen with two in flight, whatever the timing. Records the most
+    requests seen in the server at once."""
 
     def __init__(self, inner):
         self.inner, self.model, self.context_window = inner, inner.model, inner.context_window
-        self.server, self.waited = None, False
+        self.server, self.waited, self.max_in_flight = None, False, 0
 
     def generate(self, requests, on_text=None):
         deadline = time.time() + 10
-        while not self.waited and self.server.stats["in_flight"] < 2 and time.time() < deadline:
+        while not self.waited and self.server.service.in_server < 2 and time.time() < deadline:
             time.sleep(0.005)
         self.waited = True
+        self.max_in_flight = max(self.max_in_flight, self.server.service.in_server)
         return self.inner.generate(requests, on_text)
 
     def count_tokens(self, messages):
@@ -168,7 +185,7 @@ class WaitsForCompany(Engine):
 
 def test_concurrency_bounded_and_order_kept(engine):
     gate = WaitsForCompany(engine)
-    srv, url = start_server(gate)
+    srv, url = start_server(gate, limits=Limits(max_batch=1))
     gate.server = srv
     try:
         eng = client(url, model=MODEL, max_concurrency=2)
@@ -176,10 +193,9 @@ def test_concurrency_bounded_and_order_kept(engine):
                 for i in range(10)]
         results = eng.generate(reqs)
     finally:
-        srv.shutdown()
-        srv.server_close()
-    assert srv.stats["requests"] == 10
-    assert srv.stats["max_in_flight"] == 2  # two at once, never more
+        srv.close()
+    assert srv.metrics.count() == 10
+    assert gate.max_in_flight == 2  # two at once, never more
     expected = [engine.generate([r])[0] for r in reqs]  # one at a time, as the server runs them
     assert [r.completions[0].text for r in results] == [r.completions[0].text for r in expected]
     assert [r.completions[0].tokens for r in results] == [1 + i % 4 for i in range(10)]
@@ -189,7 +205,7 @@ def test_concurrent_generate_calls_share_one_bound(engine):
     """The engine is continuous: three threads call generate at once; max_concurrency bounds the calls in
     flight over all of them, each gets its own answers, and on_text receives each whole completion."""
     gate = WaitsForCompany(engine)
-    srv, url = start_server(gate)
+    srv, url = start_server(gate, limits=Limits(max_batch=1))
     gate.server = srv
     batches = [[Request(msgs(f"question {b}.{i}"), SamplingParams(temperature=0.0, max_tokens=2 + i))
                 for i in range(3)] for b in range(3)]
@@ -206,9 +222,8 @@ def test_concurrent_generate_calls_share_one_bound(engine):
         with ThreadPoolExecutor(3) as pool:
             outs = list(pool.map(run, range(3)))
     finally:
-        srv.shutdown()
-        srv.server_close()
-    assert srv.stats["requests"] == 9 and srv.stats["max_in_flight"] == 2
+        srv.close()
+    assert srv.metrics.count() == 9 and gate.max_in_flight == 2
     for batch, out, got in zip(batches, outs, streamed):
         assert [r.completions[0].text for r in out] == [engine.generate([r])[0].completions[0].text for r in batch]
         assert got == {(i, 0): r.completions[0].text for i, r in enumerate(out)}
@@ -300,7 +315,8 @@ def test_server_speaks_openai_json(server):
     u = out["usage"]
     assert u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"] and u["completion_tokens"] > 0
     for body, param in [(b"{not json", None), ({"messages": []}, "messages"), ({"messages": msgs(), "n": 0}, "n"),
-                        ({"messages": msgs(), "stream": True}, "stream"), ({"messages": msgs(), "stop": 3}, "stop")]:
+                        ({"messages": msgs(), "temperature": -1}, "temperature"),
+                        ({"messages": msgs(), "stop": 3}, "stop")]:
         status, err = call("/chat/completions", body)
         assert status == 400 and err["error"]["param"] == param and err["error"]["message"]
     assert call("/nowhere", {})[0] == 404

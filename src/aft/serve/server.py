@@ -1,0 +1,121 @@
+"""Running the ASGI app under uvicorn: `aft serve` in the foreground, or a Server in a thread."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import uvicorn
+
+from ..aggregate import PAConfig
+from ..engines.base import Engine
+from ..errors import AftError
+from .app import ChatService, Served, build_app
+from .config import API_KEY_ENV, Limits, ServeConfig
+
+log = logging.getLogger(__name__)
+
+def make_service(engine: Engine, pa: PAConfig | None = None, name: str | None = None, limits: Limits = Limits(),
+                 api_key: str | None = None) -> ChatService:
+    """The service of one engine: with `pa`, the P&A model NAME and the plain NAME-plain; without, the plain
+    model alone, named NAME (the engine's model by default)."""
+    name = name or Path(engine.model).name or engine.name
+    if pa is None:
+        return ChatService(engine, [Served(name, None)], limits, api_key)
+    from ..aggregate import PAEngine
+
+    return ChatService(engine, [Served(name, pa), Served(f"{name}-plain", None)], limits, api_key,
+                       pa_engine=PAEngine)
+
+
+class Server:
+    """uvicorn serving a ChatService from a background thread (tests, notebooks, the benchmark).
+
+        with Server(make_service(engine)) as srv:   # port 0: a free one
+            client = openai.OpenAI(base_url=srv.base_url, api_key="x")
+    """
+
+    def __init__(self, service: ChatService, host: str = "127.0.0.1", port: int = 0):
+        self.service = service
+        config = uvicorn.Config(build_app(service), host=host, port=port, log_level="warning",
+                                timeout_graceful_shutdown=service.limits.shutdown_grace + 1, lifespan="off")
+        self.uvicorn = _Uvicorn(config, service)
+        self.thread = threading.Thread(target=self.uvicorn.run, name="aft-serve", daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.uvicorn.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise AftError(f"the server did not start on {host}:{port}")
+            time.sleep(0.01)
+        sock = self.uvicorn.servers[0].sockets[0]
+        self.host, self.port = sock.getsockname()[:2]
+
+    @property
+    def metrics(self):
+        return self.service.metrics
+
+    @property
+    def url(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+        return f"http://{host}:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        return self.url + "/v1"
+
+    def close(self) -> None:
+        self.uvicorn.handle_exit(None, None)
+        self.thread.join(timeout=self.service.limits.shutdown_grace + 5)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn.Server that tells the service when a shutdown begins: new requests get 503, requests in
+    flight get `shutdown_grace` seconds to finish, then an error (a stream: an error event), so none hangs."""
+
+    def __init__(self, config: uvicorn.Config, service: ChatService):
+        super().__init__(config)
+        self.service = service
+
+    def handle_exit(self, sig, frame) -> None:
+        self.service.begin_shutdown()
+        super().handle_exit(sig, frame)
+
+
+def start_server(engine: Engine, **opts) -> tuple[Server, str]:
+    """Serve `engine` (one plain model) from a background thread on 127.0.0.1, a free port.
+    Returns (server, base_url); stop it with server.close(). `opts` go to make_service."""
+    server = Server(make_service(engine, **opts))
+    return server, server.base_url
+
+
+def serve(cfg: ServeConfig) -> None:
+    """`aft serve`: open the engine, serve until SIGINT / SIGTERM, close the engine."""
+    api_key = cfg.server_api_key or os.environ.get(API_KEY_ENV) or None
+    pa = cfg.pa()
+    engine, spec = cfg.open(seed=cfg.seed)
+    try:
+        service = make_service(engine, pa, cfg.served_model_name or spec.name, cfg.limits(), api_key)
+        names = ", ".join(service.models)
+        config = uvicorn.Config(build_app(service), host=cfg.host, port=cfg.port, log_level="warning",
+                                timeout_graceful_shutdown=cfg.shutdown_grace + 1, lifespan="off")
+        server = _Uvicorn(config, service)
+        log.info("serving %s (P&A K=%d L=%d) at http://%s:%d/v1%s", names, pa.n, pa.num_aggregation, cfg.host,
+                 cfg.port, " (API key required)" if api_key else "")
+        try:
+            server.run()
+        except SystemExit:  # uvicorn exits when it cannot bind
+            pass
+        if not server.started:
+            raise AftError(f"cannot listen on {cfg.host}:{cfg.port} (in use, or not an address of this machine?)")
+    finally:
+        engine.close()
