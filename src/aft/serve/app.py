@@ -23,7 +23,6 @@ import dataclasses
 import hmac
 import json
 import logging
-import secrets
 import time
 from dataclasses import dataclass
 
@@ -104,35 +103,25 @@ class ChatService:
         max_tokens = req.max_completion_tokens or req.max_tokens
         _cap("n", req.n, lim.max_n)
         _cap("max_tokens", max_tokens, lim.max_tokens)
-        stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
-        seed = req.seed if req.seed is not None else secrets.randbits(31)
         pa = None
         if served.pa is None:
             for name in ("k", "num_aggregation", "style"):
                 if getattr(req, name) is not None:
-                    raise bad(f"{name} applies to the P&A model ({', '.join(m.name for m in self.models.values() if m.pa)})"
-                              f", not to {served.name}", name)
-            base = _default_sampling(self)
-            engine = self.engine
+                    pa_models = ", ".join(m.name for m in self.models.values() if m.pa)
+                    raise bad(f"{name} applies to the P&A model ({pa_models}), not to {served.name}", name)
+            engine, base = self.engine, _plain_defaults(self)
         else:
             _cap("k", req.k, lim.max_k)
             _cap("num_aggregation", req.num_aggregation, lim.max_num_aggregation)
-            s = served.pa.sampling
-            # The request's temperature and top_p are the answer's: the final layer's. top_k, max_tokens and
-            # stop are every layer's (as in aft infer's sampling settings).
-            sampling = s.replace(
-                final_layer_temperature=s.final_layer_temperature if req.temperature is None else req.temperature,
-                final_layer_top_p=s.final_layer_top_p if req.top_p is None else req.top_p,
-                top_k=s.top_k if req.top_k is None else max(req.top_k, 0),
-                max_tokens=max_tokens or s.max_tokens, stop=stop if req.stop is not None else s.stop)
             pa = dataclasses.replace(
-                served.pa, sampling=sampling, n=req.k or served.pa.n,
+                served.pa, n=req.k or served.pa.n,
                 num_aggregation=served.pa.num_aggregation if req.num_aggregation is None else req.num_aggregation,
                 style=PromptStyle.get(req.style) if req.style else served.pa.style)
-            base = sampling.final_params()
             engine = self._pa_engine_for(pa)
+            base = engine.default_params()  # the final layer's: the request's sampling is the answer's
+        stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
         params = dataclasses.replace(
-            base, n=req.n, seed=seed,
+            base, n=req.n, seed=req.seed,  # no seed: the engine draws one
             temperature=base.temperature if req.temperature is None else req.temperature,
             top_p=base.top_p if req.top_p is None else req.top_p,
             top_k=base.top_k if req.top_k is None else max(req.top_k, 0),
@@ -144,14 +133,17 @@ class ChatService:
 
     def _check_prompt(self, messages: list[dict], pa: PAConfig | None, max_tokens: int) -> None:
         """400 when the prompt cannot run in the context window: the prompt itself for one pass; for P&A the
-        proposers' prompt, and the aggregator's with K empty proposals plus max_tokens (the budget aft infer's
-        aggregation layers cut proposals to)."""
+        proposers' prompt, and the aggregator's with K empty proposals plus the layer's max_tokens (the budget
+        aft infer's aggregation layers cut proposals to: the final layer's is the request's, the others' the
+        config's)."""
         window = self.engine.context_window
         if not window:
             return
         if pa is None:
             error = context_error(self.engine.count_tokens(messages) or 0, window)
         else:
+            if pa.num_aggregation > 1:
+                max_tokens = max(max_tokens, pa.sampling.max_tokens)
             error = context_error(self.engine.count_tokens(proposer_messages(messages, pa.style)) or 0, window)
             floor = self.engine.count_tokens(aggregator_messages(messages, [""] * pa.n, pa.style)) or 0
             if not error and floor + max_tokens > window:
@@ -229,7 +221,7 @@ def _cap(name: str, value: int | None, cap: int) -> None:
         raise bad(f"{name} must be <= {cap} (this server's cap), got {value}", name)
 
 
-def _default_sampling(service: ChatService) -> SamplingParams:
+def _plain_defaults(service: ChatService) -> SamplingParams:
     """The plain model's defaults: the P&A model's final-layer settings (one answer, as P&A's last layer)."""
     pa = next((m.pa for m in service.models.values() if m.pa), None)
     if pa is not None:
@@ -238,22 +230,12 @@ def _default_sampling(service: ChatService) -> SamplingParams:
 
 
 # ----------------------------------------------------------------- answers
-def answer_usage(result: Result) -> tuple[int, int]:
-    """(prompt tokens, generated tokens) of everything the request cost: every layer when P&A traced it."""
-    traces = getattr(result, "traces", None)
-    if traces:
-        layers = [t for trace in traces for t in trace]
-        return sum(t.prompt_tokens for t in layers), sum(o.tokens for t in layers for o in t.outputs)
-    return result.prompt_tokens, sum(c.tokens for c in result.completions)
-
-
 def aft_extra(call: Call, result: Result) -> dict | None:
     """The `aft` field of a P&A answer: per answer, a summary of each layer (and the full trace if asked)."""
-    traces = getattr(result, "traces", None)
-    if call.pa is None or not traces:
+    if call.pa is None or not result.traces:
         return None
     answers = []
-    for i, trace in enumerate(traces):
+    for i, trace in enumerate(result.traces):
         a = {"index": i, "layers": [{"layer": t.layer, "role": t.role, "prompt_tokens": t.prompt_tokens,
                                      "completion_tokens": sum(o.tokens for o in t.outputs), "outputs": len(t.outputs)}
                                     for t in trace]}
@@ -346,18 +328,19 @@ def _failure(service: ChatService, item, result: Result | None = None) -> APIErr
 
 
 async def _whole(service: ChatService, call: Call, events: asyncio.Queue, t0: float) -> JSONResponse:
-    name, first = call.served.name, None
+    name, first = call.served.name, False
     try:
         while True:
             item = await _next(service, events, t0, wait=3600)
-            if item[0] == "text":
-                first = first or service.metrics.first_token(name, time.monotonic() - t0) or True
-            elif item[0] != "tick":
+            if item[0] == "text" and not first:
+                first = True
+                service.metrics.first_token(name, time.monotonic() - t0)
+            elif item[0] not in ("text", "tick"):
                 break
         result = item[1] if item[0] == "done" else None
         if result is None or result.error is not None:
             raise _failure(service, item, result)
-        prompt_tokens, generated = answer_usage(result)
+        prompt_tokens, generated = result.usage()
         body = completion(new_id(), name, [c.text for c in result.completions],
                           [c.finish_reason for c in result.completions], usage(prompt_tokens, generated),
                           aft_extra(call, result))
@@ -402,7 +385,7 @@ async def _stream(service: ChatService, call: Call, events: asyncio.Queue, t0: f
             yield _sse(e.body())
             return
         finals = [delta(j, finish_reason=c.finish_reason) for j, c in enumerate(result.completions)]
-        prompt_tokens, generated = answer_usage(result)
+        prompt_tokens, generated = result.usage()
         yield _sse(chunk(cid, name, created, finals, include_usage=iu, extra=aft_extra(call, result)))
         if iu:
             yield _sse(chunk(cid, name, created, [], usage(prompt_tokens, generated), include_usage=True))
