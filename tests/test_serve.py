@@ -11,16 +11,11 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
-import os
 import re
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import openai
 import pytest
@@ -288,79 +283,3 @@ def test_shutdown_ends_a_stream_in_flight_with_an_error():
     assert time.time() - t0 < 3 and not srv.thread.is_alive()
     assert status == 200 and "shutting down" in events(lines)[-1]["error"]["message"]
 
-
-# ---------------------------------------------------------------- the command
-def test_serve_takes_the_model_engine_sampling_and_pa_options_of_infer():
-    from aft import cli
-
-    parser = cli.build_parser()
-    commands = next(a for a in parser._actions if a.dest == "command").choices
-    flags = {name: {s for a in commands[name]._actions for s in a.option_strings} for name in ("infer", "serve")}
-    infer_only = {"--input_file", "--input-file", "-i", "--output_file", "--output-file", "-o", "--batch_size",
-                  "--batch-size", "--dry-run", "--dry_run", "--retry_failed", "--retry-failed", "--no-retry_failed",
-                  "--no-retry-failed"}
-    assert flags["infer"] - infer_only <= flags["serve"]
-    assert {"-k", "-l", "--max_tokens", "--host", "--port", "--served_model_name", "--api_key", "--config"} <= \
-        flags["serve"]
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["--port", "70000"], "--port must be in [0, 65535], got 70000"),
-    (["-k", "0"], "--n must be >= 1"),
-    (["--keepalive", "0"], "--keepalive must be > 0"),
-])
-def test_bad_options_are_one_line_errors(argv, message, capsys):
-    from aft.cli import main
-
-    assert main(["serve", *argv]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("aft serve: error: ") and message in err and err.count("\n") == 1
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.mark.slow
-def test_aft_serve_starts_answers_and_stops_on_sigterm(tiny_model_dir, tmp_path):
-    """The command itself, in a second process: a YAML config and flags, P&A and plain answers, a port already
-    in use refused in one line, and SIGTERM ending it cleanly."""
-    port = free_port()
-    (tmp_path / "serve.yaml").write_text(f"model: {tiny_model_dir}\nn: 2\nnum_aggregation: 1\nmax_tokens: 8\n")
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "aft", "serve", "--config", str(tmp_path / "serve.yaml"), "--port", str(port),
-           "--served_model_name", "tiny"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 120
-        while True:
-            assert proc.poll() is None, proc.stderr.read()
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-                conn.request("GET", "/health")
-                if conn.getresponse().status == 200:
-                    break
-            except OSError:
-                assert time.time() < deadline
-                time.sleep(0.2)
-        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
-        assert [m.id for m in c.models.list().data] == ["tiny", "tiny-plain"]
-        answer = c.chat.completions.create(model="tiny", messages=USER, seed=1, extra_body={"return_trace": True})
-        trace = answer.model_extra["aft"]["answers"][0]["trace"]
-        assert [t["role"] for t in trace] == ["propose", "final"] and len(trace[0]["outputs"]) == 2
-        assert answer.choices[0].message.content == trace[-1]["outputs"][0]["text"]
-        streamed = "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
-            model="tiny-plain", messages=USER, seed=1, stream=True) if ch.choices)
-        assert isinstance(streamed, str)
-        second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)  # the port is taken
-        assert second.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in second.stderr
-        assert second.stderr.count("aft serve: error:") == 1
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            code = proc.wait(timeout=30)
-        finally:
-            proc.kill()
-    assert code == 0
