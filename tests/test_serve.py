@@ -11,17 +11,24 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import os
 import re
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import openai
 import pytest
 from conftest import FakeEngine
 
-from aft.aggregate import PAConfig
+from aft.aggregate import LayerTrace, PAConfig
+from aft.prompts import MOA_AGGREGATOR_TEMPLATE
+from aft.sampling import Sampling
 from aft.serve import Limits, Server, make_service
 
 USER = [{"role": "user", "content": "What is 2 + 3?"}]
@@ -283,3 +290,199 @@ def test_shutdown_ends_a_stream_in_flight_with_an_error():
     assert time.time() - t0 < 3 and not srv.thread.is_alive()
     assert status == 200 and "shutting down" in events(lines)[-1]["error"]["message"]
 
+
+# ---------------------------------------------------------------- the command
+def test_serve_takes_the_model_engine_sampling_and_pa_options_of_infer():
+    from aft import cli
+
+    parser = cli.build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    flags = {name: {s for a in commands[name]._actions for s in a.option_strings} for name in ("infer", "serve")}
+    infer_only = {"--input_file", "--input-file", "-i", "--output_file", "--output-file", "-o", "--batch_size",
+                  "--batch-size", "--dry-run", "--dry_run", "--retry_failed", "--retry-failed", "--no-retry_failed",
+                  "--no-retry-failed"}
+    assert flags["infer"] - infer_only <= flags["serve"]
+    assert {"-k", "-l", "--max_tokens", "--host", "--port", "--served_model_name", "--api_key", "--config"} <= \
+        flags["serve"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--port", "70000"], "--port must be in [0, 65535], got 70000"),
+    (["-k", "0"], "--n must be >= 1"),
+    (["--keepalive", "0"], "--keepalive must be > 0"),
+])
+def test_bad_options_are_one_line_errors(argv, message, capsys):
+    from aft.cli import main
+
+    assert main(["serve", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("aft serve: error: ") and message in err and err.count("\n") == 1
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_aft_serve_starts_answers_and_stops_on_sigterm(tiny_model_dir, tmp_path):
+    """The command itself, in a second process: a YAML config and flags, P&A and plain answers, a port already
+    in use refused in one line, and SIGTERM ending it cleanly."""
+    port = free_port()
+    (tmp_path / "serve.yaml").write_text(f"model: {tiny_model_dir}\nn: 2\nnum_aggregation: 1\nmax_tokens: 8\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "aft", "serve", "--config", str(tmp_path / "serve.yaml"), "--port", str(port),
+           "--served_model_name", "tiny"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+                conn.request("GET", "/health")
+                if conn.getresponse().status == 200:
+                    break
+            except OSError:
+                assert time.time() < deadline
+                time.sleep(0.2)
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
+        assert [m.id for m in c.models.list().data] == ["tiny", "tiny-plain"]
+        answer = c.chat.completions.create(model="tiny", messages=USER, seed=1, extra_body={"return_trace": True})
+        trace = answer.model_extra["aft"]["answers"][0]["trace"]
+        assert [t["role"] for t in trace] == ["propose", "final"] and len(trace[0]["outputs"]) == 2
+        assert answer.choices[0].message.content == trace[-1]["outputs"][0]["text"]
+        whole = c.chat.completions.create(model="tiny-plain", messages=USER, seed=1)
+        streamed = "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
+            model="tiny-plain", messages=USER, seed=1, stream=True) if ch.choices)
+        assert streamed == whole.choices[0].message.content
+        second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)  # the port is taken
+        assert second.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in second.stderr
+        assert second.stderr.count("aft serve: error:") == 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(timeout=30)
+        finally:
+            proc.kill()
+    assert code == 0
+
+
+# ---------------------------------------------------------------- P&A
+PA = PAConfig(n=3, num_aggregation=2, sampling=Sampling(max_tokens=16, temperature=1.0), seed=5)
+
+
+def test_models_lists_the_pa_model_and_the_plain_one():
+    with serving(StreamingFake(), PA) as srv:
+        cards = client(srv).models.list().data
+    assert [c.id for c in cards] == ["m", "m-plain"]
+    assert cards[0].model_extra["aft"] == {"propose_and_aggregate": True, "k": 3, "num_aggregation": 2}
+    assert cards[1].model_extra["aft"] == {"propose_and_aggregate": False}
+
+
+def test_pa_usage_counts_every_layer_and_the_trace_is_the_infer_schema():
+    engine = StreamingFake()
+    with serving(engine, PA) as srv:
+        out = client(srv).chat.completions.create(model="m", messages=USER, n=2, seed=4,
+                                                  extra_body={"return_trace": True})
+        plain = client(srv).chat.completions.create(model="m-plain", messages=USER, seed=4)
+    answers = out.model_extra["aft"]["answers"]
+    traces = [[LayerTrace.from_dict(t) for t in a["trace"]] for a in answers]
+    assert [[(t.role, len(t.outputs)) for t in tr] for tr in traces] == [[("propose", 3), ("aggregate", 3),
+                                                                          ("final", 1)]] * 2
+    assert [c.message.content for c in out.choices] == [tr[-1].outputs[0].text for tr in traces]
+    assert out.choices[0].message.content != out.choices[1].message.content  # n independent runs
+    assert out.usage.prompt_tokens == sum(t.prompt_tokens for tr in traces for t in tr)
+    assert out.usage.completion_tokens == sum(o.tokens for tr in traces for t in tr for o in t.outputs)
+    assert out.usage.completion_tokens > sum(c.message.content.count(" ") + 1 for c in out.choices)  # not just the answers
+    assert answers[0]["layers"][1] == {"layer": 1, "role": "aggregate", "prompt_tokens": traces[0][1].prompt_tokens,
+                                       "completion_tokens": sum(o.tokens for o in traces[0][1].outputs), "outputs": 3}
+    assert "aft" not in plain.model_extra and plain.usage.prompt_tokens == engine.count_tokens(USER)
+    assert len(engine.requests) == 2 * 3 + 1  # 2 runs x 3 layers, then the plain pass
+
+
+def test_pa_stream_sends_the_final_layer_as_it_is_written():
+    with serving(StreamingFake(), PA) as srv:
+        c = client(srv)
+        whole = c.chat.completions.create(model="m", messages=USER, seed=9, extra_body={"return_trace": True})
+        chunks = list(c.chat.completions.create(model="m", messages=USER, seed=9, stream=True,
+                                                stream_options={"include_usage": True}))
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == whole.choices[0].message.content
+    assert sum(1 for ch in chunks if ch.choices and ch.choices[0].delta.content) > 1  # word by word
+    assert chunks[-1].usage == whole.usage  # every layer's tokens, as without streaming
+    final = next(ch for ch in chunks if ch.choices and ch.choices[0].finish_reason)
+    assert final.model_extra["aft"]["answers"][0]["layers"] == whole.model_extra["aft"]["answers"][0]["layers"]
+
+
+def test_keep_alive_while_the_proposals_are_written():
+    with serving(StreamingFake(first_delay=0.3), PA, keepalive=0.1) as srv:
+        status, _, lines = post(srv, {"model": "m", "messages": USER, "stream": True})
+    first_text = next(i for i, line in enumerate(lines) if '"content": "' in line and '"content": ""' not in line)
+    assert status == 200 and sum(line == ": keep-alive" for line in lines[:first_text]) >= 4  # 2 layers of 0.3 s
+    assert lines[-1] == "data: [DONE]"
+
+
+def test_a_request_may_change_k_l_and_style_within_the_caps():
+    engine = StreamingFake()
+    with serving(engine, PA, max_k=4, max_num_aggregation=2) as srv:
+        c = client(srv)
+        out = c.chat.completions.create(model="m", messages=USER, seed=1,
+                                        extra_body={"k": 2, "num_aggregation": 1, "style": "moa"})
+        layers = out.model_extra["aft"]["answers"][0]["layers"]
+        assert [(x["role"], x["outputs"]) for x in layers] == [("propose", 2), ("final", 1)]
+        assert out.model_extra["aft"]["k"] == 2 and out.model_extra["aft"]["num_aggregation"] == 1
+        proposer, aggregator = engine.requests[-2:]
+        assert proposer.messages == USER and aggregator.messages[0]["content"].startswith(MOA_AGGREGATOR_TEMPLATE)
+        for extra, param in (({"k": 5}, "k"), ({"num_aggregation": 3}, "num_aggregation"), ({"style": "x"}, "style")):
+            status, _, err = post(srv, {"model": "m", "messages": USER, **extra})
+            assert status == 400 and err["error"]["param"] == param
+
+
+def test_a_prompt_whose_aggregation_cannot_fit_is_refused_with_the_counts():
+    """The proposers' prompt fits the window, but the aggregator prompt of K proposals plus max_tokens does not."""
+    engine = StreamingFake(context_window=120)
+    with serving(engine, PA) as srv:
+        status, _, err = post(srv, {"model": "m", "messages": USER, "max_tokens": 60})
+        assert status == 400 and "aggregator prompt of 3 proposals needs at least" in err["error"]["message"]
+        assert "context window (120)" in err["error"]["message"] and engine.requests == []
+        assert post(srv, {"model": "m-plain", "messages": USER, "max_tokens": 60})[0] == 200  # one pass fits
+
+
+def test_concurrent_pa_requests_share_engine_calls():
+    """A non-continuous engine: P&A requests that arrive together run as one batch, layer by layer."""
+    engine = StreamingFake(continuous=False, first_delay=0.05)
+    with serving(engine, PA) as srv:
+        c = client(srv)
+        alone = [c.chat.completions.create(model="m", messages=USER, seed=i).choices[0].message.content
+                 for i in range(6)]
+        engine.calls.clear()
+        with ThreadPoolExecutor(6) as pool:
+            together = list(pool.map(lambda i: c.chat.completions.create(model="m", messages=USER, seed=i)
+                                     .choices[0].message.content, range(6)))
+    assert together == alone
+    assert len(engine.calls) < 6 * 3 and sum(map(len, engine.calls)) == 6 * 3
+
+
+def test_several_proposer_models_write_the_proposals():
+    proposer = StreamingFake()
+    proposer.name = proposer.model = "other"
+    aggregator = StreamingFake()
+    with Server(make_service(aggregator, PA, "m", Limits(max_tokens=64), proposers=[aggregator, proposer])) as srv:
+        out = client(srv).chat.completions.create(model="m", messages=USER, seed=2, extra_body={"return_trace": True})
+    trace = out.model_extra["aft"]["answers"][0]["trace"]
+    assert [o["proposer"] for o in trace[0]["outputs"]] == ["fake", "fake", "other"]
+    assert len(proposer.requests) == 1 and len(aggregator.requests) == 3
+
+
+def test_stream_equals_whole_on_a_real_tiny_model(tiny_engine):
+    """The transformers engine behind the server: the streamed deltas make the same text as the whole answer."""
+    pa = PAConfig(n=2, num_aggregation=1, sampling=Sampling(max_tokens=8, temperature=1.0))
+    with serving(tiny_engine, pa, max_tokens=8) as srv:
+        c = client(srv)
+        for model in ("m", "m-plain"):
+            whole = c.chat.completions.create(model=model, messages=USER, seed=3, temperature=1.0)
+            streamed = "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
+                model=model, messages=USER, seed=3, temperature=1.0, stream=True) if ch.choices)
+            assert streamed == whole.choices[0].message.content and whole.usage.completion_tokens > 0

@@ -19,7 +19,7 @@ from ..errors import AftError
 from ..loading import is_main_process
 
 # sub-command -> module in aft.cli; each module has add_parser(subparsers)
-COMMANDS = ["infer", "data", "train", "analyze", "eval", "view"]
+COMMANDS = ["infer", "data", "train", "analyze", "eval", "view", "serve"]
 
 
 def build_parser() -> argparse.ArgumentParser:

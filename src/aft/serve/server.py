@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -19,16 +21,16 @@ from .config import API_KEY_ENV, Limits, ServeConfig
 log = logging.getLogger(__name__)
 
 def make_service(engine: Engine, pa: PAConfig | None = None, name: str | None = None, limits: Limits = Limits(),
-                 api_key: str | None = None) -> ChatService:
-    """The service of one engine: with `pa`, the P&A model NAME and the plain NAME-plain; without, the plain
-    model alone, named NAME (the engine's model by default)."""
+                 api_key: str | None = None, proposers: list[Engine] | None = None) -> ChatService:
+    """The service of one engine: with `pa`, the P&A model NAME (`proposers`, if given, write its proposals)
+    and the plain NAME-plain; without, the plain model alone, named NAME (the engine's model by default)."""
     name = name or Path(engine.model).name or engine.name
     if pa is None:
         return ChatService(engine, [Served(name, None)], limits, api_key)
     from ..aggregate import PAEngine
 
     return ChatService(engine, [Served(name, pa), Served(f"{name}-plain", None)], limits, api_key,
-                       pa_engine=PAEngine)
+                       pa_engine=lambda aggregator, cfg: PAEngine(aggregator, cfg, proposers))
 
 
 class Server:
@@ -89,6 +91,19 @@ class _Uvicorn(uvicorn.Server):
         self.service.begin_shutdown()
         super().handle_exit(sig, frame)
 
+    @contextlib.contextmanager
+    def capture_signals(self):
+        """uvicorn's, less the signal raised again after the shutdown: a stopped `aft serve` exits with 0."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
+
 
 def start_server(engine: Engine, **opts) -> tuple[Server, str]:
     """Serve `engine` (one plain model) from a background thread on 127.0.0.1, a free port.
@@ -98,23 +113,27 @@ def start_server(engine: Engine, **opts) -> tuple[Server, str]:
 
 
 def serve(cfg: ServeConfig) -> None:
-    """`aft serve`: open the engine, serve until SIGINT / SIGTERM, close the engine."""
+    """`aft serve`: open the model (and the proposers), serve until SIGINT / SIGTERM, close them."""
+    from ..models import resolve
+
     api_key = cfg.server_api_key or os.environ.get(API_KEY_ENV) or None
-    pa = cfg.pa()
-    engine, spec = cfg.open(seed=cfg.seed)
+    name = cfg.served_model_name or resolve(cfg.model, None if cfg.engine == "auto" else cfg.engine).name
+    pa = cfg.open_pa()  # the aggregator (--model) and the proposers (--proposers), opened once
     try:
-        service = make_service(engine, pa, cfg.served_model_name or spec.name, cfg.limits(), api_key)
-        names = ", ".join(service.models)
+        service = make_service(pa.aggregator, pa.cfg, name, cfg.limits(), api_key,
+                               pa.proposers if cfg.proposers else None)
         config = uvicorn.Config(build_app(service), host=cfg.host, port=cfg.port, log_level="warning",
                                 timeout_graceful_shutdown=cfg.shutdown_grace + 1, lifespan="off")
         server = _Uvicorn(config, service)
-        log.info("serving %s (P&A K=%d L=%d) at http://%s:%d/v1%s", names, pa.n, pa.num_aggregation, cfg.host,
-                 cfg.port, " (API key required)" if api_key else "")
+        log.info("serving %s (P&A K=%d L=%d%s) at http://%s:%d/v1%s", ", ".join(service.models), pa.cfg.n,
+                 pa.cfg.num_aggregation, f", proposers {', '.join(cfg.proposers)}" if cfg.proposers else "",
+                 cfg.host, cfg.port, " (API key required)" if api_key else "")
         try:
             server.run()
         except SystemExit:  # uvicorn exits when it cannot bind
             pass
         if not server.started:
             raise AftError(f"cannot listen on {cfg.host}:{cfg.port} (in use, or not an address of this machine?)")
+        log.info("stopped")
     finally:
-        engine.close()
+        pa.close()
