@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ...errors import AftError
-from ..base import Completion, Request, Result, sample_seeds
+from ..base import Completion, OnText, Request, Result, sample_seeds
 from .batch import DecodeBatch, Row
 from .text import RowText
 
@@ -45,7 +45,7 @@ class Job:
     requests: list[Request]
     prompts: list[list[int]]
     results: list[Result | None]
-    on_text: object = None
+    on_text: OnText | None = None
     id: int = 0
     rows_left: dict[int, int] = field(default_factory=dict)  # request index -> rows not finished
     rows: dict[int, list[Row]] = field(default_factory=dict)  # request index -> its rows
