@@ -293,6 +293,12 @@ def test_buffer_layer_rebuild_moves_kept_rows_and_right_aligns_joining_ones():
     k, v = torch.randn(4, 2, 1, 4, generator=g), torch.randn(4, 2, 1, 4, generator=g)
     buf.update(k, v)  # the next step writes position 4 in place
     assert torch.equal(buf.keys[:, :, 4:], k) and buf.get_seq_length() == 5
+    # the GPU layout (keys not transposed; meta stands in for the device): the same shapes, contiguous keys
+    gpu = buffer_layer_class()(capacity=6)
+    gpu.update(old_k.to("meta"), old_v.to("meta"))
+    gpu.rebuild(torch.tensor([1], device="meta"), 5, 3, 4, 8,
+                [(new_k.to("meta"), new_v.to("meta"), torch.tensor([1, 1, 0], device="meta"))])
+    assert gpu.keys.shape == (4, 2, 4, 4) and gpu.keys.stride(-1) == 1 and buf.keys.stride(-1) != 1
 
 
 def test_decode_attention_equals_sdpa():
