@@ -90,6 +90,7 @@ def test_a_call_joining_a_running_batch_gets_the_texts_it_gets_alone(engine):
     assert mixed and max(sum(s.values()) for s in mixed) == 6  # A's 4 rows and B's 2 in one forward pass
     assert log[0] == {"prefill": 4} and {"prefill": 2} in log[1:]  # B's rows joined A's running batch
     assert texts(got["a"]) == texts(alone_a) and texts(got["b"]) == texts(alone_b)
+    assert engine.scheduler.batch.rows == [] and engine.scheduler.batch.cache is None  # idle: no memory held
     assert [c.tokens for r in got["a"] for c in r.completions] == [c.tokens for r in alone_a for c in r.completions]
 
 

@@ -145,6 +145,8 @@ class DecodeBatch:
                           torch.tensor(index, dtype=torch.long, device=self.mask.device))
                          for b, index in joins_by_block.items()]
                 layer.rebuild(kt, self.length, width, length, capacity, joins)
+        else:
+            self.cache = None  # an empty batch holds no memory
         self.rows, self.mask, self.length, self.logits = rows, mask, length, None
         for name in ("next_pos", "temp", "top_p", "top_k", "max_new", "drawn", "tokens"):
             mine = getattr(self, name)[kt]

@@ -149,6 +149,8 @@ class Scheduler:
         self._forward()
         if batch.rows:  # (none left when an out-of-memory error failed the one request in it)
             self._record(batch.rows, batch.sample)
+        if not batch.live:
+            batch.rebuild()  # every row is done: the cache is freed now, not when the next call comes
 
     def _record(self, rows: list[Row], draw) -> None:
         """Draw the rows' next tokens (`draw`), then stream their new text and complete the finished ones."""
