@@ -71,3 +71,10 @@ def test_eval_run_then_curves_cli(fake_engine, tmp_path, capsys):
     assert 1 <= a["diversity"][0] <= 8
     assert (out / "curves-gsm8k-gsm8k_sample.png").stat().st_size > 1000 and "majority@k" in (
         out / "curves.md").read_text()
+    # models <arm>-s<seed> pooled into <arm>: the training seeds are rows of the bootstrap, like run seeds
+    for label in ("a", "b"):
+        (out / label).rename(out / f"arm-s{ord(label)}")
+    assert main(["eval", "curves", str(out), "--ks", "1", "8", "--pool_seeds"]) == 0
+    (pooled,) = json.loads((out / "curves-pooled.json").read_text())
+    assert pooled["label"] == "arm" and pooled["models"] == ["arm-s97", "arm-s98"] and pooled["seeds"] == [0, 1]
+    assert pooled["pass"][1][0] == pytest.approx(a["pass"][3][0])  # a and b drew the same (fake) samples

@@ -55,6 +55,9 @@ def add_parser(sub) -> None:
     cv.add_argument("--subsets", type=int, default=200, help="random k-subsets per question for majority@k "
                                                               "(default: 200)")
     cv.add_argument("--n_boot", "--n-boot", type=int, default=2000, help="bootstrap replicates (default: 2000)")
+    cv.add_argument("--pool_seeds", "--pool-seeds", action="store_true",
+                    help="pool the models labelled <arm>-s<seed> into <arm> (intervals over training seeds and "
+                         "questions); writes curves-pooled.*")
     cv.set_defaults(handler=curves_main)
 
     ex = esub.add_parser("export", help="write AlpacaEval or MT-Bench (FastChat) answer files",
@@ -108,11 +111,13 @@ def curves_main(args) -> int:
 
     if min(args.ks) < 1 or args.subsets < 1 or args.n_boot < 1:
         raise AftError("--ks, --subsets and --n_boot must be >= 1")
-    for r in write_curves(args.out, tuple(sorted(set(args.ks))), args.subsets, args.n_boot):
+    results = write_curves(args.out, tuple(sorted(set(args.ks))), args.subsets, args.n_boot, args.pool_seeds)
+    for r in results:
         pairs = ", ".join(f"k={k} {p[0]:.3f}/{m[0]:.3f}" for k, p, m in zip(r["k"], r["pass"], r["majority"]))
         print(f"  {r['task']:16s} {r['label']:16s} pass/majority: {pairs}; distinct answers {r['diversity'][0]:.2f} "
               f"of {r['n']}")
-    print(f"curves: {Path(args.out) / 'curves.md'}, curves.json, curves-<task>.png")
+    name = "curves-pooled" if args.pool_seeds else "curves"
+    print(f"curves: {Path(args.out) / name}.md, {name}.json, {name}-<task>.png")
     return 0
 
 

@@ -13,7 +13,10 @@ Per question, from its n samples (c correct, by the verifier):
     diversity   distinct final answers among the n samples (answers that extract to nothing not counted)
 
 Each value is a mean over questions and run seeds with a bootstrap interval (stats.bootstrap_ci).
-Writes <out>/curves.json, curves.md and curves-<task>.png.
+Writes <out>/curves.json, curves.md and curves-<task>.png. With pool_seeds, the models labelled
+<arm>-s<seed> (one per training seed) are pooled into <arm>: the bootstrap then resamples training
+seeds (x run seeds) and questions, so the interval covers the training seed too
+(curves-pooled.json, .md, -<task>.png).
 """
 
 from __future__ import annotations
@@ -69,24 +72,30 @@ def question_curves(rec: dict, ks: tuple[int, ...], subsets: int, rng) -> dict:
             "diversity": len({v for v in votes if v is not None})}
 
 
-def sample_files(out: Path) -> dict[tuple[str, str], dict[int, Path]]:
-    """(label, task) -> {seed: the widest oracle best-of-N records file}."""
-    found: dict[tuple[str, str], dict[int, tuple[int, Path]]] = {}
+TRAINING_SEED = re.compile(r"-s\d+$")
+
+
+def sample_files(out: Path, pool_seeds: bool = False) -> dict[tuple[str, str], dict[tuple[str, int], Path]]:
+    """(label, task) -> {(model label, run seed): the widest oracle best-of-N records file}; with pool_seeds
+    the label of <arm>-s<seed> is <arm>."""
+    found: dict[tuple[str, str], dict[tuple[str, int], tuple[int, Path]]] = {}
     for path in sorted(out.glob("*/*/bon-n*-oracle.seed*.jsonl")):
         m = BON_FILE.match(path.name)
         if not m:
             continue
         n, seed = int(m.group(1)), int(m.group(2))
-        key = (path.parent.parent.name, path.parent.name)
-        if n > found.setdefault(key, {}).get(seed, (0, None))[0]:
-            found[key][seed] = (n, path)
+        label = path.parent.parent.name
+        key = (TRAINING_SEED.sub("", label) if pool_seeds else label, path.parent.name)
+        if n > found.setdefault(key, {}).get((label, seed), (0, None))[0]:
+            found[key][(label, seed)] = (n, path)
     return {k: {s: p for s, (_, p) in v.items()} for k, v in found.items()}
 
 
-def compute_curves(out: str | Path, ks: tuple[int, ...] = KS, subsets: int = 200, n_boot: int = 2000) -> list[dict]:
+def compute_curves(out: str | Path, ks: tuple[int, ...] = KS, subsets: int = 200, n_boot: int = 2000,
+                   pool_seeds: bool = False) -> list[dict]:
     """One entry per (model label, task): the curves over ks with intervals, and the diversity."""
     out = Path(out)
-    files = sample_files(out)
+    files = sample_files(out, pool_seeds)
     if not files:
         raise AftError(f"{out}: no best-of-N samples (run `aft eval run --strategies best_of_n:n=32,scorer=verifier` "
                        f"first)")
@@ -106,7 +115,8 @@ def compute_curves(out: str | Path, ks: tuple[int, ...] = KS, subsets: int = 200
         rng = np.random.default_rng(0)
         cells = [[question_curves({**s[q], "candidates": s[q]["candidates"][:n]}, use, subsets, rng) for q in ids]
                  for s in per_seed]
-        entry = {"label": label, "task": task, "n": n, "questions": len(ids), "seeds": sorted(by_seed), "k": list(use)}
+        entry = {"label": label, "task": task, "n": n, "questions": len(ids), "k": list(use),
+                 "seeds": sorted({s for _, s in by_seed}), "models": sorted({m for m, _ in by_seed})}
         for metric in ("pass", "bon", "majority"):
             entry[metric] = [bootstrap_ci([[q[metric][j] for q in s] for s in cells], n_boot) for j in range(len(use))]
         entry["diversity"] = bootstrap_ci([[q["diversity"] for q in s] for s in cells], n_boot)
@@ -114,10 +124,12 @@ def compute_curves(out: str | Path, ks: tuple[int, ...] = KS, subsets: int = 200
     return results
 
 
-def write_curves(out: str | Path, ks: tuple[int, ...] = KS, subsets: int = 200, n_boot: int = 2000) -> list[dict]:
+def write_curves(out: str | Path, ks: tuple[int, ...] = KS, subsets: int = 200, n_boot: int = 2000,
+                 pool_seeds: bool = False) -> list[dict]:
     out = Path(out)
-    results = compute_curves(out, ks, subsets, n_boot)
-    write_json(out / "curves.json", results)
+    results = compute_curves(out, ks, subsets, n_boot, pool_seeds)
+    name = "curves-pooled" if pool_seeds else "curves"
+    write_json(out / f"{name}.json", results)
     lines = ["# pass@k, BoN@k and majority@k", "",
              "From each model's best-of-N samples (verifier = ORACLE, so BoN@k = pass@k); mean over questions "
              "and run seeds [95% bootstrap interval]. Written by `aft eval curves`.", ""]
@@ -130,14 +142,15 @@ def write_curves(out: str | Path, ks: tuple[int, ...] = KS, subsets: int = 200, 
             for metric in ("pass", "bon", "majority"):
                 vals = " | ".join(f"{m:.3f} [{lo:.3f}, {hi:.3f}]" for m, lo, hi in r[metric])
                 lines.append(f"| {r['label']} | {metric}@k | {vals} |")
-        lines += ["", "| model | distinct answers per question (of n samples) | questions | seeds |", "|---|---|---|---|"]
+        lines += ["", "| model | distinct answers per question (of n samples) | questions | run seeds |",
+                  "|---|---|---|---|"]
         for r in rows:
             m, lo, hi = r["diversity"]
             lines.append(f"| {r['label']} | {m:.2f} [{lo:.2f}, {hi:.2f}] of {r['n']} | {r['questions']} | "
-                         f"{', '.join(map(str, r['seeds']))} |")
+                         f"{', '.join(map(str, r['seeds']))} (models: {', '.join(r['models'])}) |")
         lines.append("")
-        plot_curves(rows, out / f"curves-{task}.png", task)
-    (out / "curves.md").write_text("\n".join(lines))
+        plot_curves(rows, out / f"{name}-{task}.png", task)
+    (out / f"{name}.md").write_text("\n".join(lines))
     return results
 
 
