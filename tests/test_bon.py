@@ -138,15 +138,16 @@ def candidates_file(tmp_path: Path) -> Path:
 
 
 @pytest.mark.slow  # trains (TRL)
-@pytest.mark.parametrize("mode", ["bon-sft", "bon-rl"])
-def test_cli_bon_modes_train_two_steps(mode, tiny_model_dir, tmp_path, capsys):
+@pytest.mark.parametrize("mode,peft", [("bon-sft", True), ("bon-rl", False)])
+def test_cli_bon_modes_train_two_steps(mode, peft, tiny_model_dir, tmp_path, capsys):
     out = tmp_path / mode
     rc = cli(["train", "--model", str(tiny_model_dir), "--mode", mode, "--bon_n", "2", "--candidates_file",
               str(candidates_file(tmp_path)), "-o", str(out), "--max_steps", "2", "--logging_steps", "1",
-              "--per_device_train_batch_size", "2", "--no-resume"])
+              "--per_device_train_batch_size", "2", "--no-resume", "--use_peft" if peft else "--no-use_peft"])
     assert rc == 0
     m = json.loads((out / "metrics.json").read_text())
-    assert m["mode"] == mode and m["steps"] == 2 and m["bon_n"] == 2 and (out / "adapter_config.json").exists()
+    assert m["mode"] == mode and m["steps"] == 2 and m["bon_n"] == 2 and m["method"] == ("lora" if peft else "full")
+    assert (out / ("adapter_config.json" if peft else "model.safetensors")).exists()
     assert m["rows_read"]["prompts"] == 4 and m["rows_read"]["rows"] == m["train_rows"]
     assert (m["rows_read"]["negative_weight"] < 0) == (mode == "bon-rl")
     assert f"{mode} training: 2 steps" in capsys.readouterr().out
@@ -181,3 +182,21 @@ def test_rounds_sample_with_the_trained_adapter_and_resume(tiny_model_dir, tmp_p
     # a rerun finds both rounds finished and trains nothing
     again = run_train(cfg)
     assert again.finished_before and again.metrics["steps"] == res.metrics["steps"]
+
+
+def test_runs_written_before_the_weighted_keys_still_resume_and_count_as_finished(tmp_path):
+    """A run of another mode, saved before bon_n / min_score / rounds / candidates_file existed, is the same run."""
+    import yaml
+
+    from aft.train import WEIGHTED_KEYS, config_dict, finished_run, run_settings
+
+    cfg = load_config(None, dict(model="m", data=str(tmp_path), mode="sft", output_dir=str(tmp_path)))
+    assert not set(WEIGHTED_KEYS) & set(run_settings(cfg))
+    assert set(WEIGHTED_KEYS) <= set(run_settings(load_config(None, dict(model="m", data=str(tmp_path),
+                                                                         mode="bon-rl"))))
+    old = {k: v for k, v in config_dict(cfg).items() if k not in WEIGHTED_KEYS}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    (tmp_path / "metrics.json").write_text('{"steps": 3}')
+    assert finished_run(tmp_path, cfg) == {"steps": 3}
+    assert finished_run(tmp_path, load_config(None, dict(model="m", data=str(tmp_path), mode="sft",
+                                                         output_dir=str(tmp_path), bon_n=8))) is None

@@ -38,7 +38,10 @@ SPLIT="--eval_size 200 --pool_size 1000 --split_seed 0"
 log() { echo "[$(date +%H:%M:%S)] $*"; }
 start=$(date +%s)
 mkdir -p "$OUT"
-stamp() { echo "$1 wall_s=$(( $(date +%s) - start ))" >> "$OUT/timing.txt"; }
+# after each step: its name, wall seconds since the start, and user/system CPU seconds of all steps so far
+# (`times` runs in this shell: a $(...) subshell would report its own children only)
+stamp() { local c; times > "$OUT/.times"; c=$(tail -1 "$OUT/.times" | tr ' ' '/')
+  echo "$1 wall_s=$(( $(date +%s) - start )) cpu_user/sys=$c" >> "$OUT/timing.txt"; }
 
 log "1/4 sampling: $N_TRAIN training questions x $M candidates, verifier scores"
 $AFT data build --config examples/bon/data.yaml --out "$OUT/data" --n_prompts "$N_TRAIN" --m "$M" \

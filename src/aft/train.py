@@ -121,6 +121,15 @@ class TrainConfig:
 
 
 OUR_KEYS = {f.name for f in dataclasses.fields(TrainConfig)}
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+WEIGHTED_KEYS = ("candidates_file", "bon_n", "min_score", "rounds")  # matter in the weighted modes only
+
+
+def run_settings(cfg: TrainConfig) -> dict:
+    """The settings a resumed run must share (manifest.py); the weighted modes' keys only in those modes, so
+    that checkpoints of the other modes written before those keys existed still resume."""
+    d = cfglib.output_settings(cfg)
+    return d if cfg.mode in WEIGHTED else {k: v for k, v in d.items() if k not in WEIGHTED_KEYS}
 
 
 def sft_config_fields() -> set[str]:
@@ -513,7 +522,8 @@ def finished_run(out: Path, cfg: TrainConfig) -> dict | None:
     except (OSError, ValueError, yaml.YAMLError):
         return None
     now = config_dict(cfg)
-    same = all(saved.get(k) == v for k, v in now.items() if k != "resume")
+    # a key the saved config lacks (written before the key existed) counts as its default
+    same = all(saved.get(k, DEFAULTS.get(k)) == v for k, v in now.items() if k != "resume")
     return metrics if same else None
 
 
@@ -581,7 +591,7 @@ def train_once(cfg: TrainConfig, init_adapter: str | None = None, round_: tuple[
         return TrainResult(out, done, merged if merged.is_dir() else None, finished_before=True,
                            main_process=is_main_process())
     resume_from = last_checkpoint(out) if cfg.resume else None
-    run = Manifest(out / "aft_run.json", out, cfglib.output_settings(cfg), {"config": config_dict(cfg)})
+    run = Manifest(out / "aft_run.json", out, run_settings(cfg), {"config": config_dict(cfg)})
     if resume_from:
         run.check(records=[Path(resume_from) / "trainer_state.json"])
         log.info("resuming from %s", resume_from)
