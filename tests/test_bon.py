@@ -200,3 +200,41 @@ def test_runs_written_before_the_weighted_keys_still_resume_and_count_as_finishe
     assert finished_run(tmp_path, cfg) == {"steps": 3}
     assert finished_run(tmp_path, load_config(None, dict(model="m", data=str(tmp_path), mode="sft",
                                                          output_dir=str(tmp_path), bon_n=8))) is None
+
+
+@pytest.mark.slow  # 5 optimizer steps on a tiny model through the trainer's loss (~20 s of CPU)
+@pytest.mark.parametrize("mode", ["rft", "bon-sft"])
+def test_bon_sft_moves_hard_prompts_more_than_easy_ones(mode, tok, tmp_path):
+    """Hard prompt: 1 of 8 samples right; easy: 7 of 8. SFT on the correct samples (rft) moves the easy prompt's
+    right answer more (7 rows of weight 1 against 1); bon-sft (N=4) the hard one's (weights 0.66 against 0.007)."""
+    from aft.train import build_trainer, encode_rows
+
+    hard = [{"role": "user", "content": "What is 47 + 38?"}]
+    easy = [{"role": "user", "content": "What is 1 + 1?"}]
+    cands = ([(hard, "47 + 38 = 85. Answer: 85", 1)] + [(hard, f"47 + 38 = {80 + i}. Answer: {80 + i}", 0)
+                                                         for i in range(7)],
+             [(easy, f"1 + 1 = 2{'!' * i}. Answer: 2", 1) for i in range(7)] + [(easy, "1 + 1 = 3. Answer: 3", 0)])
+    rows = []
+    for group in cands:
+        for (p, t, _), w in zip(group, weights([r for _, _, r in group], mode, 4)):
+            if w:
+                rows.append({"id": str(len(rows)), "prompt": p, "completion": [{"role": "assistant", "content": t}],
+                             "weight": w, "file": "x", "line": 1})
+    cfg = load_config(None, dict(model="unused", mode=mode, candidates_file="unused", output_dir=str(tmp_path),
+                                 use_peft=False, max_steps=1))
+    eot = tok.eos_token_id
+    trainer = build_trainer(cfg, tiny_llama(tok).train(), tok, encode_rows(tok, rows, eot, 512))
+    model = trainer.model
+    probes = [{"prompt": hard, "completion": [{"role": "assistant", "content": cands[0][0][1]}]},
+              {"prompt": easy, "completion": [{"role": "assistant", "content": cands[1][0][1]}]}]
+    with torch.no_grad():
+        before = [per_sample_nll(model, tok, eot, r).item() for r in probes]
+    batch = trainer.data_collator(encode_rows(tok, rows, eot, 512))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(5):
+        opt.zero_grad()
+        trainer.compute_loss(model, dict(batch)).backward()
+        opt.step()
+    with torch.no_grad():
+        hard_drop, easy_drop = (b - per_sample_nll(model, tok, eot, r).item() for b, r in zip(before, probes))
+    assert (hard_drop > easy_drop) == (mode == "bon-sft")
