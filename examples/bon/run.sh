@@ -17,7 +17,10 @@
 # BoN@k (verifier ORACLE, = pass@k), majority@k for k = 1..NMAX and the distinct answers per question,
 # with intervals over questions and the training seeds (labels <arm>-s<seed> pooled per arm:
 # <OUT>/eval/curves-pooled.md and curves-pooled-add12.png).
-# Time: see docs/train.md (measured rates of the smoke run, and the estimate of this full run).
+# Time (docs/train.md, "Measured"): the smoke run used 3.2 min of CPU; the full run is estimated at
+# ~40 min on 2 quiet cores from earlier quiet-machine rates, ~95 min of one core at the smoke's rates on
+# a loaded machine (an upper bound); not yet run end to end. NMAX=32 for curves to k=32 doubles the
+# evaluation part.
 # Every step is resumable: rerun after an interruption and finished work is kept.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -26,8 +29,8 @@ if [ "$SMOKE" = 1 ]; then
   OUT=${OUT:-runs/bon-smoke}; N_TRAIN=${N_TRAIN:-6}; M=${M:-4}; N_EVAL=${N_EVAL:-4}; NMAX=${NMAX:-8}
   STEPS=${STEPS:-2}; SEEDS=${SEEDS:-"1"}; BON_N=${BON_N:-2}
 else
-  OUT=${OUT:-runs/bon}; N_TRAIN=${N_TRAIN:-100}; M=${M:-8}; N_EVAL=${N_EVAL:-40}; NMAX=${NMAX:-16}
-  STEPS=${STEPS:-20}; SEEDS=${SEEDS:-"1 2 3"}; BON_N=${BON_N:-4}
+  OUT=${OUT:-runs/bon}; N_TRAIN=${N_TRAIN:-64}; M=${M:-8}; N_EVAL=${N_EVAL:-24}; NMAX=${NMAX:-16}
+  STEPS=${STEPS:-16}; SEEDS=${SEEDS:-"1 2 3"}; BON_N=${BON_N:-4}
 fi
 LR=${LR:-1e-4}
 BATCH=${BATCH:-8}          # rows (candidates) per optimizer step; STEPS x BATCH rows for every arm
