@@ -161,4 +161,7 @@ def test_dry_run_shows_each_layer_without_a_model(tmp_path, capsys):
     assert layers[0]["messages"] == [{"role": "system", "content": "\n"}, QUESTIONS[0]["query"][0]]
     assert layers[1]["messages"][0]["content"].endswith(
         "Responses from models:\n1. <output 1 of layer 0>\n2. <output 2 of layer 0>\n3. <output 3 of layer 0>")
-    assert layers[2]["params"]["n"] == 1
+    assert layers[2]["params"]["n"] == 1 and "proposers" not in layers[0]
+    rc, stdout, stderr = aft(capsys, "infer", "-i", inp, "--dry-run", "-k", 3, "--proposers", "a", "b")
+    assert rc == 0, stderr
+    assert json.loads(stdout)[0]["layers"][0]["proposers"] == [{"model": "a", "n": 2}, {"model": "b", "n": 1}]

@@ -273,3 +273,21 @@ def test_eval_run_with_several_proposers(tmp_path):
         run_eval(load_config(None, {**flags, "proposers": ["beta", "alpha"]}), engine=judge, proposers=[beta, alpha])
     assert run_eval(load_config(None, {**flags, "proposers": ["beta", "alpha"], "strategies": ["sample"]}),
                     engine=judge, proposers=[beta, alpha]).answered == 0
+
+
+def test_the_eval_cache_keeps_pipelines_and_serves_them_back(tmp_path):
+    """`aft eval run` puts a cache in front of the engine: on a continuous engine it stays continuous (P&A runs
+    in pipelines through it, concurrent calls storing under its lock), and a rerun is served from the file."""
+    from aft.evaluate.cache import CachedEngine
+
+    queries = [("a", Q1), ("b", Q2), ("c", Q3)]
+    inner = Continuous()
+    cached = CachedEngine(inner, tmp_path / "c.jsonl", "fp")
+    assert cached.continuous
+    first = PAEngine(cached, CFG).run(queries)
+    assert len(inner.calls) == 9  # one call per query and layer: pipelines
+    cached.close()
+    again = CachedEngine(Continuous(), tmp_path / "c.jsonl", "fp")
+    second = PAEngine(again, CFG).run(queries)
+    assert again.inner.calls == [] and again.hits == 9
+    assert texts(second) == texts(first) == texts(propose_and_aggregate(FakeEngine(), queries, CFG))

@@ -184,6 +184,7 @@ def test_an_aggregation_copying_a_proposal_and_a_cut_proposal(infer_file):
     row["trace"][1]["outputs"][0]["text"] = "I pick: red green blue cyan magenta."
     row["trace"][1]["order"] = [1, 0, 2]
     row["trace"][1]["truncated"] = [{"index": 0, "from_chars": 30, "to_chars": 11}]
+    row["trace"][0]["outputs"][2]["proposer"] = "other-model"  # written by a second proposer (--proposers)
     path = infer_file.with_name("edited.jsonl")
     path.write_text(json.dumps(row) + "\n")
     (q,) = load_runs([path])
@@ -192,6 +193,8 @@ def test_an_aggregation_copying_a_proposal_and_a_cut_proposal(infer_file):
     assert agg["copied"] == [0.0, 0.0, round(5 / 9, 3)]  # 5 of "I pick : red green blue cyan magenta ."
     assert q["layers"][0]["outputs"][1]["cut"] == {"to_chars": 11, "from_chars": 30, "by_layer": 1}
     assert "cut" not in q["layers"][0]["outputs"][0] and "cut" in q["flags"]
+    assert [o["proposer"] for o in q["layers"][0]["outputs"]] == [None, None, "other-model"]
+    assert "other-model" in build_html([q])  # the page says "by other-model" on that proposal
 
 
 def test_the_page_of_records_in_memory_is_the_page_of_their_file(infer_file):

@@ -109,7 +109,7 @@ def manifest(cfg: InferConfig, out_path: Path) -> Manifest:
 
 def dry_run(cfg: InferConfig, limit: int = 2) -> list[dict]:
     """The exact messages each layer would send for the first `limit` queries, without a model."""
-    from .aggregate import layer_messages
+    from .aggregate import layer_messages, proposal_counts
 
     pa = cfg.pa()
     items = read_queries(cfg.input_file or SAMPLE_QUESTIONS)[:limit]
@@ -119,8 +119,12 @@ def dry_run(cfg: InferConfig, limit: int = 2) -> list[dict]:
         previous = None
         for layer in plan(pa):
             messages, order, _ = layer_messages(layer, item.query, previous, pa)
+            shares = {}
+            if layer.role == "propose" and cfg.proposers:  # who writes how many of the K proposals
+                counts = proposal_counts(layer.params.n, len(cfg.proposers))
+                shares = {"proposers": [{"model": m, "n": c} for m, c in zip(cfg.proposers, counts)]}
             layers.append({"layer": layer.index, "role": layer.role, "params": layer.params.to_dict(),
-                           "messages": messages, **({"order": order} if order is not None else {})})
+                           "messages": messages, **shares, **({"order": order} if order is not None else {})})
             previous = [f"<output {j + 1} of layer {layer.index}>" for j in range(layer.params.n)]
         shown.append({"id": item.id, "layers": layers})
     return shown

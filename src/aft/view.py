@@ -218,7 +218,7 @@ def _output(o, loc: str) -> dict:
     if not isinstance(o, dict):
         raise AftError(f"{loc}expected an object per output, got {type(o).__name__}")
     return {"text": str(o.get("text") or ""), "tokens": o.get("tokens"), "finish_reason": o.get("finish_reason"),
-            "seed": o.get("seed")}
+            "seed": o.get("seed"), "proposer": o.get("proposer")}
 
 
 def _layers(trace, loc: str) -> list[dict]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 import time
 from pathlib import Path
 
@@ -48,13 +49,16 @@ def _hash(obj) -> str:
 
 
 class CachedEngine(Engine):
-    """Wraps `inner`; samples are stored in `path` (JSONL, appended, safe to resume)."""
+    """Wraps `inner`; samples are stored in `path` (JSONL, appended, safe to resume). Continuous when `inner`
+    is: concurrent calls look up and store under a lock, and run their misses on `inner` at once."""
 
     name = "cached"
 
     def __init__(self, inner: Engine, path: str | Path, fingerprint: str):
         self.inner = inner
         self.model = inner.model
+        self.continuous = inner.continuous
+        self._lock = threading.Lock()
         self.context_window = inner.context_window
         self.fingerprint = fingerprint
         self.path = Path(path)
@@ -86,43 +90,52 @@ class CachedEngine(Engine):
     def generate(self, requests: list[Request], on_text: OnText | None = None) -> list[Result]:
         results: list[Result | None] = [None] * len(requests)
         todo = []
-        for i, req in enumerate(requests):
-            keys = self._keys(req)
-            if keys and all(k in self.samples for k in keys):
-                recs = [self.samples[k] for k in keys]
-                results[i] = Result(completions=[Completion(r["text"], r["tokens"], r["finish_reason"]) for r in recs],
-                                    prompt_tokens=recs[0]["prompt_tokens"], seeds=sample_seeds(req.params),
-                                    seconds=sum(r["seconds"] for r in recs))  # measured when generated
-                self.hits += 1
-                if on_text is not None:  # a stored sample is one whole delta
-                    for j, c in enumerate(results[i].completions):
-                        on_text(i, j, c.text)
-            else:
-                todo.append(i)
-        if todo:
+        with self._lock:
+            for i, req in enumerate(requests):
+                keys = self._keys(req)
+                if keys and all(k in self.samples for k in keys):
+                    recs = [self.samples[k] for k in keys]
+                    results[i] = Result(completions=[Completion(r["text"], r["tokens"], r["finish_reason"])
+                                                     for r in recs],
+                                        prompt_tokens=recs[0]["prompt_tokens"], seeds=sample_seeds(req.params),
+                                        seconds=sum(r["seconds"] for r in recs))  # measured when generated
+                    self.hits += 1
+                else:
+                    todo.append(i)
             self.misses += len(todo)
+        if on_text is not None:  # a stored sample is one whole delta
+            for i, res in enumerate(results):
+                for j, c in enumerate(res.completions if res is not None else []):
+                    on_text(i, j, c.text)
+        if todo:
             t0 = time.perf_counter()
             inner_on_text = None if on_text is None else (lambda k, j, delta: on_text(todo[k], j, delta))
             fresh = self.inner.generate([requests[i] for i in todo], inner_on_text)
             seconds = time.perf_counter() - t0
             processed = sum(r.prompt_tokens + sum(c.tokens for c in r.completions) for r in fresh) or 1
+            with self._lock:
+                self._store(requests, todo, fresh, seconds, processed)
             for i, res in zip(todo, fresh):
-                req = requests[i]
-                keys = self._keys(req)
-                share = [seconds * ((res.prompt_tokens / len(res.completions)) + c.tokens) / processed
-                         for c in res.completions]
-                res.seconds = sum(share)
-                for j, (c, k) in enumerate(zip(res.completions, keys or [None] * len(res.completions))):
-                    if k is None or k in self.samples:
-                        continue
-                    rec = {"key": k, "fp": self.fingerprint, "prompt_key": self._prompt_key(req.messages),
-                           "prompt_tokens": res.prompt_tokens, "text": c.text, "tokens": c.tokens,
-                           "finish_reason": c.finish_reason, "seconds": round(share[j], 6),
-                           "seed": res.seeds[j] if res.seeds else None}
-                    self.samples[k] = rec
-                    self._out.write(rec)
                 results[i] = res
         return results  # type: ignore[return-value]
+
+    def _store(self, requests, todo, fresh, seconds, processed) -> None:
+        """Keep the new samples (each with its share of the call's seconds), in memory and in the file."""
+        for i, res in zip(todo, fresh):
+            req = requests[i]
+            keys = self._keys(req)
+            share = [seconds * ((res.prompt_tokens / len(res.completions)) + c.tokens) / processed
+                     for c in res.completions]
+            res.seconds = sum(share)
+            for j, (c, k) in enumerate(zip(res.completions, keys or [None] * len(res.completions))):
+                if k is None or k in self.samples:
+                    continue
+                rec = {"key": k, "fp": self.fingerprint, "prompt_key": self._prompt_key(req.messages),
+                       "prompt_tokens": res.prompt_tokens, "text": c.text, "tokens": c.tokens,
+                       "finish_reason": c.finish_reason, "seconds": round(share[j], 6),
+                       "seed": res.seeds[j] if res.seeds else None}
+                self.samples[k] = rec
+                self._out.write(rec)
 
     def count_tokens(self, messages):
         key = self._prompt_key(messages)
