@@ -13,8 +13,14 @@ run on a plain copy of the model, as transformers loads it):
                 aggregator requests (n=1, temperature 0.7, top_p 1.0) whose messages are
                 `aft.prompts.aggregator_messages(query, the 4 proposals)`;
   baseline-pa   the same P&A workload done with `generate` (--no-baseline-pa skips it);
+  ours-pa-spec  ours-pa with speculative decoding (prompt lookup, --spec_tokens drafts a step) in the
+                aggregation layer; ours-pa-spec-all: in both layers (--spec_tokens 0 skips both);
   generate-batch  (with --generate-batch) the baseline's workload through transformers'
                 continuous batching, `generate_batch`, on its own plain copy of the model.
+
+--sides picks the sides to run (default: all). The P&A sides also report each layer's tok/s
+(layer 0's and the aggregation layer's) and, with speculation, tokens per forward pass and the
+acceptance rate of the draft tokens.
 
 Generated tokens are counted up to and excluding EOS/pad (baseline) or from
 Completion.tokens (ours); tok/s = generated tokens / wall time of the whole call
@@ -174,6 +180,8 @@ def summarize(args, path, engine, params, peaks, runs) -> dict:
             med = statistics.median(r["tok_s"] for r in rs)
             summary[name] = {"median_tok_s": med, "fraction_of_compute_bound": med / bound,
                              "median_tokens": statistics.median(r["tokens"] for r in rs), "runs": len(rs)}
+            for key in sorted(set(rs[0]) - {"tokens", "seconds", "tok_s", "load_average"}):  # per-layer figures
+                summary[name][f"median_{key}"] = statistics.median(r[key] for r in rs)
     ratios = {}
     if "baseline" in summary:
         b = summary["baseline"]["median_tok_s"]
@@ -198,6 +206,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-baseline-pa", action="store_true", help="skip the P&A workload done with generate")
     ap.add_argument("--generate-batch", action="store_true",
                     help="also time transformers' continuous batching (generate_batch) on the baseline workload")
+    ap.add_argument("--spec_tokens", type=int, default=8, help="draft tokens a step for the -spec sides (0: no such sides)")
+    ap.add_argument("--no-floor", action="store_true", help="skip the matmul floor (one more P&A run a repeat)")
+    ap.add_argument("--sides", default=None, help="comma-separated sides to run (default: all)")
     ap.add_argument("--out", default="runs/bench_infer.json")
     args = ap.parse_args(argv)
 
@@ -217,16 +228,32 @@ def main(argv=None) -> int:
     prop_msgs = [proposer_messages(q) for q in qs]  # system "\n" + the user question
     base = Baseline(engine, path)
 
-    def ours_layer0(seed: int):
-        sp = SamplingParams(n=K, temperature=0.7, top_p=0.95, max_tokens=args.tokens, seed=seed)
-        res = engine.generate([Request(m, sp) for m in prop_msgs])
-        return sum(c.tokens for r in res for c in r.completions), [[c.text for c in r.completions] for r in res]
+    spec = HFEngine(engine.lm, engine.tok, display_name=path, spec_tokens=args.spec_tokens)
 
-    def ours_pa(seed: int):
-        n0, props = ours_layer0(seed)
+    def ours_layer0(seed: int, eng=engine):
+        sp = SamplingParams(n=K, temperature=0.7, top_p=0.95, max_tokens=args.tokens, seed=seed)
+        res = eng.generate([Request(m, sp) for m in prop_msgs])
+        return sum(c.tokens for r in res for c in r.completions), [[c.text for c in r.completions] for r in res], res
+
+    def ours_pa(seed: int, eng0=engine, eng1=engine):
+        t = time.perf_counter()
+        n0, props, res0 = ours_layer0(seed, eng0)
+        t0 = time.perf_counter() - t
         sp = SamplingParams(n=1, temperature=0.7, top_p=1.0, max_tokens=args.tokens, seed=seed + 1)
-        res = engine.generate([Request(aggregator_messages(q, p), sp) for q, p in zip(qs, props)])
-        return n0 + sum(c.tokens for r in res for c in r.completions)
+        t = time.perf_counter()
+        res = eng1.generate([Request(aggregator_messages(q, p), sp) for q, p in zip(qs, props)])
+        t1 = time.perf_counter() - t
+        n1 = sum(c.tokens for r in res for c in r.completions)
+        return n0 + n1, {"layer0_tok_s": n0 / t0, "aggregation_tok_s": n1 / t1, **spec_stats("layer0", res0, n0),
+                         **spec_stats("aggregation", res, n1)}
+
+    def spec_stats(layer: str, results, tokens: int) -> dict:
+        specs = [r.speculation for r in results if r.speculation]
+        if not specs:
+            return {}
+        forwards, drafted = sum(s.forwards for s in specs), sum(s.drafted for s in specs)
+        return {f"{layer}_tokens_per_forward": tokens / forwards,
+                f"{layer}_acceptance": sum(s.accepted for s in specs) / max(1, drafted)}
 
     def baseline_layer0(seed: int):
         return base.run(prop_msgs, K, 0.95, args.tokens, seed)
@@ -241,10 +268,18 @@ def main(argv=None) -> int:
         "ours-layer0": lambda s: ours_layer0(s)[0],
         "ours-pa": ours_pa,
     }
+    if args.spec_tokens:
+        sides["ours-pa-spec"] = lambda s: ours_pa(s, engine, spec)
+        sides["ours-pa-spec-all"] = lambda s: ours_pa(s, spec, spec)
     if not args.no_baseline_pa:
         sides["baseline-pa"] = baseline_pa
     if args.generate_batch:
         sides["generate-batch"] = continuous_batching(path, engine, prop_msgs, args.tokens)
+    if args.sides:
+        unknown = set(args.sides.split(",")) - set(sides)
+        if unknown:
+            ap.error(f"--sides: unknown {sorted(unknown)}; choose from {list(sides)}")
+        sides = {k: v for k, v in sides.items() if k in args.sides.split(",")}
 
     print(f"model {path} ({params / 1e6:.1f}M params), {engine.lm.dtype}, {torch.get_num_threads()} threads, "
           f"load average {os.getloadavg()[0]:.2f}", flush=True)
@@ -254,7 +289,7 @@ def main(argv=None) -> int:
 
     peaks = {"bf16": matmul_peak(torch.bfloat16), "fp32": matmul_peak(torch.float32)}
     floor = MatmulFloor(engine.lm)
-    floor_tokens = floor.record(lambda: ours_pa(1000))
+    floor_tokens = None if args.no_floor else floor.record(lambda: ours_pa(1000)[0])
     floor_runs = []
     runs: dict[str, list[dict]] = {name: [] for name in sides}
     names = list(sides)
@@ -266,21 +301,26 @@ def main(argv=None) -> int:
             t = time.perf_counter()
             n = sides[name](1000 + rep)
             dt = time.perf_counter() - t
-            runs[name].append({"tokens": n, "seconds": dt, "tok_s": n / dt, "load_average": os.getloadavg()[0]})
-            print(f"  repeat {rep + 1}/{args.repeats} {name:12s} {n:5d} tokens {dt:7.1f} s {n / dt:7.1f} tok/s",
-                  flush=True)
+            n, extra = n if isinstance(n, tuple) else (n, {})
+            runs[name].append({"tokens": n, "seconds": dt, "tok_s": n / dt, "load_average": os.getloadavg()[0],
+                               **extra})
+            print(f"  repeat {rep + 1}/{args.repeats} {name:16s} {n:5d} tokens {dt:7.1f} s {n / dt:7.1f} tok/s"
+                  + "".join(f"  {k} {v:.2f}" for k, v in extra.items()), flush=True)
             # after every run, so that an interrupted benchmark still leaves its data
             out.write_text(json.dumps(summarize(args, path, engine, params, peaks, runs), indent=2))
-        floor_runs.append(floor.replay())
+        if floor_tokens:
+            floor_runs.append(floor.replay())
     # a second look at the peak, after the runs (take the better: the machine is shared)
     peaks = {k: max(v, matmul_peak({"bf16": torch.bfloat16, "fp32": torch.float32}[k])) for k, v in peaks.items()}
     report = summarize(args, path, engine, params, peaks, runs)
-    floor_s = statistics.median(floor_runs)
-    report["matmul_floor"] = {"workload": "ours-pa, seed 1000", "forward_calls": len(floor.calls),
-                              "generated_tokens": floor_tokens, "seconds": floor_runs,
-                              "max_tok_s": floor_tokens / floor_s}
-    if "baseline" in report["summary"]:
-        report["ratios"]["matmul floor / baseline"] = floor_tokens / floor_s / report["summary"]["baseline"]["median_tok_s"]
+    if floor_tokens:
+        floor_s = statistics.median(floor_runs)
+        report["matmul_floor"] = {"workload": "ours-pa, seed 1000", "forward_calls": len(floor.calls),
+                                  "generated_tokens": floor_tokens, "seconds": floor_runs,
+                                  "max_tok_s": floor_tokens / floor_s}
+        if "baseline" in report["summary"]:
+            report["ratios"]["matmul floor / baseline"] = (floor_tokens / floor_s
+                                                          / report["summary"]["baseline"]["median_tok_s"])
     out.write_text(json.dumps(report, indent=2))
 
     print(f"\nmatmul peak: bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s, fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s; "
@@ -288,8 +328,14 @@ def main(argv=None) -> int:
     print(f"{'side':14s} {'tok/s (median)':>15s} {'tokens':>8s} {'of bound':>9s}")
     for name, s in report["summary"].items():
         print(f"{name:14s} {s['median_tok_s']:15.1f} {s['median_tokens']:8.0f} {s['fraction_of_compute_bound']:9.1%}")
-    print(f"matmul floor of ours-pa ({len(floor.calls)} forward calls, {floor_tokens} tokens): its linear layers "
-          f"alone take {floor_s:.1f} s, so at most {floor_tokens / floor_s:.0f} tok/s")
+    for name, sm in report["summary"].items():
+        extra = {k.removeprefix("median_"): v for k, v in sm.items() if k.startswith("median_") and k not in
+                 ("median_tok_s", "median_tokens")}
+        if extra:
+            print(f"{name:16s} " + "  ".join(f"{k} {v:.2f}" for k, v in extra.items()))
+    if floor_tokens:
+        print(f"matmul floor of ours-pa ({len(floor.calls)} forward calls, {floor_tokens} tokens): its linear "
+              f"layers alone take {floor_s:.1f} s, so at most {floor_tokens / floor_s:.0f} tok/s")
     for k, v in report["ratios"].items():
         print(f"{k:28s} {v:.2f}x")
     print(f"wrote {out}")

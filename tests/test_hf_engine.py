@@ -301,21 +301,23 @@ def test_buffer_layer_rebuild_moves_kept_rows_and_right_aligns_joining_ones():
     assert gpu.keys.shape == (4, 2, 4, 4) and gpu.keys.stride(-1) == 1 and buf.keys.stride(-1) != 1
 
 
-def test_decode_attention_equals_sdpa():
+@pytest.mark.parametrize("Q", [1, 4])  # one token (a decode step), a few with a mask (speculative verification)
+def test_decode_attention_equals_sdpa(Q):
     from aft.engines.hf.attention import decode_attention
 
     g = torch.Generator().manual_seed(0)
     B, H, Hkv, T, D = 3, 6, 2, 9, 8
-    q = torch.randn(B, H, 1, D, generator=g)
+    q = torch.randn(B, Q, H, D, generator=g).transpose(1, 2)  # as the model gives it: a transposed view
     kstore = torch.randn(B, Hkv, D, T + 4, generator=g)  # the engine's layout: keys transposed, spare capacity
     k = kstore[..., :T].transpose(-1, -2)
     v = torch.randn(B, Hkv, T + 4, D, generator=g)[:, :, :T]
-    mask = torch.ones(B, 1, 1, T, dtype=torch.bool)
+    mask = torch.ones(B, 1, Q, T, dtype=torch.bool).tril(T - Q)  # causal: query i sees keys up to T - Q + i
     mask[0, ..., :4] = False  # a left-padded row
+    mask[1, ..., 5] = False  # a hole (a rejected draft's column)
     ref = torch.nn.functional.scaled_dot_product_attention(
         q, k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1), attn_mask=mask)
     got = decode_attention(q, k, v, mask, None)
-    assert got.shape == (B, 1, H, D)
+    assert got.shape == (B, Q, H, D)
     assert torch.allclose(got, ref.transpose(1, 2), atol=1e-5)
 
 

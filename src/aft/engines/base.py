@@ -67,6 +67,19 @@ class Completion:
 
 
 @dataclass
+class Speculation:
+    """How one request's completions were decoded speculatively (summed over its n samples)."""
+
+    forwards: int = 0  # forward passes that gave its samples tokens (each prompt's prefill included)
+    drafted: int = 0  # draft tokens verified
+    accepted: int = 0  # of which accepted
+
+    def add(self, forwards: int, drafted: int, accepted: int) -> None:
+        self.forwards, self.drafted, self.accepted = (self.forwards + forwards, self.drafted + drafted,
+                                                      self.accepted + accepted)
+
+
+@dataclass
 class Result:
     """The answer to one Request: everything later stages read is declared here."""
 
@@ -79,6 +92,7 @@ class Result:
     usage_prompt_tokens: int | None = None
     usage_completion_tokens: int | None = None
     traces: list | None = None  # P&A (aggregate.PAEngine): the trace of each completion, a list of LayerTrace
+    speculation: Speculation | None = None  # set where the engine decoded speculatively
 
     @classmethod
     def failed(cls, reason: str, prompt_tokens: int = 0) -> "Result":

@@ -111,6 +111,14 @@ def buffer_layer_class():
             self.set_length(n)
             return self.keys, self.values
 
+        def reorder_columns(self, index: torch.Tensor) -> None:
+            """Column j of row r takes column index[r, j], for j < index.shape[1] (speculative decoding drops
+            its holes with this: see batch.py)."""
+            n = index.shape[1]
+            for buf in (self.kbuf, self.vbuf):
+                i = index[:, None, :, None].expand(buf.shape[0], buf.shape[1], n, buf.shape[-1])
+                buf[:, :, :n] = buf[:, :, :n].gather(2, i)
+
         def get_seq_length(self) -> int:
             return self.length
 

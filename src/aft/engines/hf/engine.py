@@ -39,9 +39,11 @@ class HFEngine(Engine):
 
     def __init__(self, model, tokenizer, max_batch_rows: int = 64, display_name: str = "",
                  memory_budget_bytes: int | None = None,
-                 fallback_template: str | None = None):
+                 fallback_template: str | None = None, spec_tokens: int = 0):
         """`fallback_template`: the chat template used when the tokenizer has none (default ChatML;
-        data/onpolicy.py passes one that sends the messages as raw text, for base models)."""
+        data/onpolicy.py passes one that sends the messages as raw text, for base models).
+        `spec_tokens`: draft tokens verified per step by speculative decoding with prompt lookup (0: off;
+        see batch.py)."""
         self.lm = model.eval()
         self.tok = tokenizer
         self.has_chat_template = bool(self.tok.chat_template)
@@ -59,6 +61,7 @@ class HFEngine(Engine):
         elif self.device.type == "cpu" and getattr(model.config, "_attn_implementation", None) == "sdpa":
             model.set_attn_implementation(register_attention())  # the engine owns its model from here on
         self.max_batch_rows = max_batch_rows
+        self.spec_tokens = spec_tokens
         # transformers 5.x renamed forward's past_key_values to cache (the old name warns on every call)
         self.cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.memory_budget_bytes = memory_budget_bytes  # None: measured on a GPU (memory_budget)

@@ -29,8 +29,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ...errors import AftError
-from ..base import Completion, OnText, Request, Result, sample_seeds
+from ..base import Completion, OnText, Request, Result, Speculation, sample_seeds
 from .batch import DecodeBatch, Row
+from .drafts import NgramIndex
 from .text import RowText
 
 log = logging.getLogger(__name__)
@@ -124,9 +125,12 @@ class Scheduler:
             sp, prompt = job.requests[i].params, job.prompts[i]
             max_new = e._max_new(sp, len(prompt))
             rows = [Row(job, i, j, seed, sp, prompt, max_new) for j, seed in enumerate(sample_seeds(sp))]
+            lookup = NgramIndex(prompt) if e.spec_tokens else None  # the prompt's, copied for each sample
             for row in rows:
                 if sp.stop or job.on_text is not None:
                     row.text = RowText(e.tok, sp.stop)
+                if lookup is not None:
+                    row.drafts, row.spec_tokens, row.draft_len = lookup.copy(), e.spec_tokens, e.spec_tokens
             job.rows[i], job.rows_left[i] = rows, len(rows)
             waiting.append(Waiting(rows, 0))
         with self.cond:
@@ -185,6 +189,9 @@ class Scheduler:
             res.completions.append(Completion(text=r.final_text(self.eng.tok), tokens=len(r.tokens),
                                               finish_reason=r.finish))
             res.seeds.append(r.seed)
+            if r.drafts is not None:
+                res.speculation = res.speculation or Speculation()
+                res.speculation.add(r.forwards, r.drafted, r.accepted)
         job.results[i] = res
         if job.done:
             with self.cond:
