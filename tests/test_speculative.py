@@ -169,3 +169,21 @@ def test_embedded_model_greedy_equals_plain_on_an_aggregation_prompt(embedded_di
     b = spec.generate([Request(aggregator_messages(query, proposals), sp)])[0]
     assert a.completions[0].text == b.completions[0].text
     assert b.speculation.accepted > 0
+
+
+def test_infer_records_speculation_in_each_layer_of_the_trace(tmp_path, tiny_model_dir, capsys):
+    import json
+
+    from aft.cli import main
+
+    (tmp_path / "q.jsonl").write_text('{"id": "a", "prompt": "Copy: one two three one two three"}\n')
+    out = tmp_path / "out.jsonl"
+    rc = main(["infer", "-i", str(tmp_path / "q.jsonl"), "-o", str(out), "--model", str(tiny_model_dir), "-k", "2",
+               "-l", "1", "--max-tokens", "12", "--spec_tokens", "4", "--dtype", "float32"])
+    assert rc == 0, capsys.readouterr().err
+    record = json.loads(out.read_text())
+    for layer in record["trace"]:
+        s = layer["speculation"]
+        assert 0 < s["forwards"] <= sum(o["tokens"] for o in layer["outputs"]) + len(layer["outputs"])
+        assert 0 <= s["accepted"] <= s["drafted"]
+    assert json.loads((tmp_path / "out.jsonl.config.json").read_text())["engine"]["spec_tokens"] == 4

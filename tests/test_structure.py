@@ -142,7 +142,7 @@ def test_every_engine_command_takes_the_same_engine_options(argv):
 def test_engine_options_from_yaml_reach_each_engine_kind():
     args = EngineArgs(dtype="bfloat16", device="cpu", max_batch_rows=8, max_concurrency=3, timeout=5.0,
                       tensor_parallel_size=2, api_key="k")
-    assert args.options("hf") == {"dtype": "bfloat16", "device": "cpu", "max_batch_rows": 8}
+    assert args.options("hf") == {"dtype": "bfloat16", "device": "cpu", "max_batch_rows": 8, "spec_tokens": 0}
     openai = args.options("openai")
     assert openai["max_concurrency"] == 3 and openai["timeout"] == 5.0 and openai["api_key"] == "k"
     assert "dtype" not in openai

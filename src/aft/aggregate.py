@@ -106,6 +106,8 @@ class LayerTrace:
     batch_seconds: float  # wall time of the layer's engine call(s): the whole batch's, or this query's (pipelines)
     order: list[int] | None = None  # shuffled: the previous layer's index of each position
     truncated: list[Cut] | None = None  # proposals cut to fit the context window
+    # speculative decoding (hf --spec_tokens): {"forwards", "drafted", "accepted"} over the layer's outputs
+    speculation: dict | None = None
 
     def to_dict(self) -> dict:
         d = {"layer": self.layer, "role": self.role, "seed": self.seed, "prompt_tokens": self.prompt_tokens,
@@ -114,6 +116,8 @@ class LayerTrace:
             d["order"] = list(self.order)
         if self.truncated is not None:
             d["truncated"] = [c.to_dict() for c in self.truncated]
+        if self.speculation is not None:
+            d["speculation"] = dict(self.speculation)
         return d
 
     @classmethod
@@ -123,7 +127,8 @@ class LayerTrace:
                    outputs=[Output(o["text"], o["tokens"], o["finish_reason"], o.get("seed"), o.get("proposer"))
                             for o in d["outputs"]],
                    batch_seconds=d["batch_seconds"], order=d.get("order"),
-                   truncated=None if d.get("truncated") is None else [Cut(**c) for c in d["truncated"]])
+                   truncated=None if d.get("truncated") is None else [Cut(**c) for c in d["truncated"]],
+                   speculation=d.get("speculation"))
 
 
 def _output_dict(o: Output) -> dict:
@@ -340,9 +345,12 @@ def _run_layer(layer: Layer, states: list[_State], cfg: PAConfig, engine: Engine
                                                    p.result.seeds or [None] * len(p.result.completions))]
         s.outputs = [o.text for o in outputs]
         tokens += sum(o.tokens for o in outputs)
+        specs = [p.result.speculation for p in parts if p.result.speculation is not None]
         s.result.trace.append(LayerTrace(
             layer=layer.index, role=layer.role, seed=seed, prompt_tokens=sum(p.result.prompt_tokens for p in parts),
-            outputs=outputs, batch_seconds=round(seconds, 3), order=order, truncated=truncated))
+            outputs=outputs, batch_seconds=round(seconds, 3), order=order, truncated=truncated,
+            speculation={k: sum(getattr(x, k) for x in specs) for k in ("forwards", "drafted", "accepted")}
+            if specs else None))
     layer_done(layer, seconds, tokens)
     return True
 

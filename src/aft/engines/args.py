@@ -35,6 +35,9 @@ class EngineArgs:
                       "for this model, measured once per machine (hf)", ("hf", "vllm"), choices=("auto", "float32", "bfloat16", "float16"))
     device: str = _opt("auto", "auto, cpu, cuda, cuda:1 ...", ("hf",))
     max_batch_rows: int = _opt(64, "most sequences decoded together", ("hf",), ge=1)
+    spec_tokens: int = _opt(0, "speculative decoding: draft tokens (prompt lookup) verified per forward pass; "
+                            "0 = off. Output unchanged: greedy the same, sampling the same distribution",
+                            ("hf",), ge=0)
     api_key: str | None = _opt(None, "API key (default: $OPENAI_API_KEY, else 'EMPTY'); YAML or the "
                                "environment only, never written to disk", ("openai",), cli=False, secret=True)
     max_concurrency: int = _opt(8, "requests in flight", ("openai",), ge=1)

@@ -97,8 +97,9 @@ class HFEngine(Engine):
         return len(self.encode(messages))
 
     def describe(self) -> dict:
-        """As the base, plus the weights' dtype (what `--dtype auto` chose) and the device."""
-        return {**super().describe(), "dtype": str(self.lm.dtype).removeprefix("torch."), "device": str(self.device)}
+        """As the base, plus the weights' dtype (what `--dtype auto` chose), the device and speculation."""
+        return {**super().describe(), "dtype": str(self.lm.dtype).removeprefix("torch."), "device": str(self.device),
+                "spec_tokens": self.spec_tokens}
 
     def num_parameters(self) -> int:
         """Every parameter of the model, tied ones counted once."""
