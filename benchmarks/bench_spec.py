@@ -1,0 +1,66 @@
+"""Speculative aggregation: the aggregation layer with and without prompt-lookup speculation, side by side.
+
+    python benchmarks/bench_spec.py [--model smollm2-135m] [--dtype bfloat16] [--tokens 128] [--spec_tokens 8]
+                                    [--queries 8] [--repeats 2] [--greedy]
+
+The proposals (K=4 per query, bench_infer.py's questions, T 0.7, top-p 0.95) are generated once; then
+the aggregation layer (one request per query, n=1, T 0.7 top-p 1.0 as P&A's final layer, or greedy
+with --greedy) runs on the same engine model with spec_tokens 0 and K, interleaved, in a rotated
+order each repeat. Prints per side: tok/s (median), tokens per forward pass, acceptance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+from bench_infer import K, QUESTIONS, queries
+
+from aft.engines.base import Request, SamplingParams
+from aft.engines.hf import HFEngine
+from aft.models import resolve
+from aft.prompts import aggregator_messages, proposer_messages
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--spec_tokens", type=int, default=8)
+    ap.add_argument("--queries", type=int, default=len(QUESTIONS))
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--greedy", action="store_true")
+    args = ap.parse_args()
+    plain = HFEngine.load(resolve(args.model).path, dtype=args.dtype, device="cpu")
+    spec = HFEngine(plain.lm, plain.tok, display_name="spec", spec_tokens=args.spec_tokens)
+    qs = queries()[:args.queries]
+    sp0 = SamplingParams(n=K, temperature=0.7, top_p=0.95, max_tokens=args.tokens, seed=1)
+    props = [[c.text for c in r.completions] for r in plain.generate([Request(proposer_messages(q), sp0) for q in qs])]
+    sp1 = SamplingParams(n=1, temperature=0.0 if args.greedy else 0.7, top_p=1.0, max_tokens=args.tokens, seed=2)
+    reqs = [Request(aggregator_messages(q, p), sp1) for q, p in zip(qs, props)]
+    print(f"{args.model} {plain.lm.dtype}, {len(qs)} queries, {args.tokens} tokens, load {os.getloadavg()[0]:.1f}")
+    sides = {"plain": plain, f"spec{args.spec_tokens}": spec}
+    runs: dict[str, list] = {name: [] for name in sides}
+    for rep in range(args.repeats):
+        for name in list(sides)[rep % 2:] + list(sides)[:rep % 2]:
+            t = time.perf_counter()
+            res = sides[name].generate(reqs)
+            dt = time.perf_counter() - t
+            tokens = sum(c.tokens for r in res for c in r.completions)
+            s = [r.speculation for r in res if r.speculation]
+            fw, dr, ac = (sum(getattr(x, k) for x in s) for k in ("forwards", "drafted", "accepted"))
+            runs[name].append((tokens / dt, tokens / fw if fw else 1.0, ac / dr if dr else 0.0))
+            print(f"  repeat {rep + 1} {name:7s} {tokens:5d} tokens {dt:6.1f} s {tokens / dt:6.1f} tok/s"
+                  + (f"  {tokens / fw:.2f} tokens/forward, acceptance {ac / max(1, dr):.2f}" if fw else ""), flush=True)
+    base = statistics.median(r[0] for r in runs["plain"])
+    for name, rs in runs.items():
+        med = statistics.median(r[0] for r in rs)
+        print(f"{name:7s} {med:6.1f} tok/s ({med / base:.2f}x plain), {statistics.median(r[1] for r in rs):.2f} "
+              f"tokens/forward, acceptance {statistics.median(r[2] for r in rs):.2f}")
+
+
+if __name__ == "__main__":
+    main()
