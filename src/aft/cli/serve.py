@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import sys
+
 from .. import config as cfglib
 from . import flags_given
 
@@ -23,5 +27,10 @@ def main(args) -> int:
     from ..serve.config import load_config
     from ..serve.server import serve
 
-    serve(load_config(args.config, flags_given(args)))
+    if serve(load_config(args.config, flags_given(args))):
+        # Engine calls still run in threads: the interpreter's exit would wait on (or abort in) their C++
+        # threads. The answers are sent or their clients gone, so leave now.
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(0)
     return 0

@@ -112,8 +112,11 @@ def start_server(engine: Engine, **opts) -> tuple[Server, str]:
     return server, server.base_url
 
 
-def serve(cfg: ServeConfig) -> None:
-    """`aft serve`: open the model (and the proposers), serve until SIGINT / SIGTERM, close them."""
+def serve(cfg: ServeConfig) -> int:
+    """`aft serve`: open the model (and the proposers), serve until SIGINT / SIGTERM, close them.
+
+    Returns the number of engine calls still running when it stopped (their clients were answered or had
+    left; an engine call cannot be interrupted): the caller exits without waiting for them."""
     from ..models import resolve
 
     api_key = cfg.server_api_key or os.environ.get(API_KEY_ENV) or None
@@ -134,6 +137,13 @@ def serve(cfg: ServeConfig) -> None:
             pass
         if not server.started:
             raise AftError(f"cannot listen on {cfg.host}:{cfg.port} (in use, or not an address of this machine?)")
+        deadline = time.monotonic() + cfg.shutdown_grace  # engine calls whose clients left may still run
+        while service.metrics.running and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if service.metrics.running:
+            log.warning("stopped with %d engine call(s) still running (not waited for)", service.metrics.running)
+            return service.metrics.running
         log.info("stopped")
     finally:
         pa.close()
+    return 0
