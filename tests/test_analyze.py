@@ -1,4 +1,4 @@
-"""aft analyze perplexity on a tiny random-init Llama with the embedded model's tokenizer."""
+"""aft analyze perplexity on a tiny random-init Llama (conftest's tiny_model_dir)."""
 
 from __future__ import annotations
 
@@ -15,25 +15,10 @@ from aft.errors import AftError
 FIX = Path(__file__).parent / "fixtures" / "train" / "data"
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, tokenizer):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tok = tokenizer
-    torch.manual_seed(0)
-    lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2))
-    d = tmp_path_factory.mktemp("tiny")
-    lm.save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
-
-
-def test_batched_nll_equals_one_row_at_a_time(tiny_dir):
+def test_batched_nll_equals_one_row_at_a_time(tiny_model_dir):
     from aft.train import encode_row, load_model
 
-    lm, tok, eot, _ = load_model(str(tiny_dir))
+    lm, tok, eot, _ = load_model(str(tiny_model_dir))
     enc = [encode_row(tok, a["prompt"], a["completion"], eot) for a, _ in paired_rows(FIX)[:3]]
     batched = target_nll(lm.eval(), enc, batch_size=3)
     single = [target_nll(lm, [e], batch_size=1)[0] for e in enc]
@@ -46,11 +31,11 @@ def test_batched_nll_equals_one_row_at_a_time(tiny_dir):
     assert math.isclose(single[0][0] / single[0][1], loss, rel_tol=1e-4)
 
 
-def test_perplexity_table_and_files(tiny_dir, tmp_path):
+def test_perplexity_table_and_files(tiny_model_dir, tmp_path):
     from aft.cli import main
 
     out = tmp_path / "ppl"
-    assert main(["analyze", "perplexity", "--model", str(tiny_dir), "--data", str(FIX), "--output_dir", str(out),
+    assert main(["analyze", "perplexity", "--model", str(tiny_model_dir), "--data", str(FIX), "--output_dir", str(out),
                  "--max_rows", "4"]) == 0
     s = json.loads((out / "perplexity.json").read_text())
     r = s["results"][0]
