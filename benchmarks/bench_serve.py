@@ -33,16 +33,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-QUESTIONS = [
-    "What is the capital of France, and why is it famous?",
-    "Explain in simple terms what photosynthesis is.",
-    "Give three tips for writing clear emails.",
-    "Why is the sky blue?",
-    "What is the difference between a list and a tuple in Python?",
-    "Summarize the plot of Romeo and Juliet in a few sentences.",
-    "How do vaccines help the immune system?",
-    "Suggest a healthy breakfast and explain why it is healthy.",
-]
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_infer import QUESTIONS  # noqa: E402  (the engine benchmark's 8 prompts)
 
 
 def free_port() -> int:
