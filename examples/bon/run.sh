@@ -13,6 +13,9 @@
 #   bon-sft   the BoN-aware imitation objective for N = BON_N: correct candidates weighted e_N(p)
 #   bon-rl    the BoN-aware policy gradient for N = BON_N: correct and wrong candidates, leave-one-out
 #   base      the untrained model
+# Beyond the paper (step 4): P&A K=4 L=1 on N_PA held-out questions with one fixed aggregator, the base
+# model, over the proposals of each model (`--proposers`): do BoN-aware proposals (N = K = 4) make a
+# better set to aggregate than SFT's? Report: <OUT>/eval_pa/report.md.
 # Evaluation: NMAX samples per held-out question for every model; `aft eval curves` gives pass@k,
 # BoN@k (verifier ORACLE, = pass@k), majority@k for k = 1..NMAX and the distinct answers per question,
 # with intervals over questions and the training seeds (labels <arm>-s<seed> pooled per arm:
@@ -27,10 +30,10 @@ cd "$(dirname "$0")/../.."
 SMOKE=${SMOKE:-0}
 if [ "$SMOKE" = 1 ]; then
   OUT=${OUT:-runs/bon-smoke}; N_TRAIN=${N_TRAIN:-6}; M=${M:-4}; N_EVAL=${N_EVAL:-4}; NMAX=${NMAX:-8}
-  STEPS=${STEPS:-2}; SEEDS=${SEEDS:-"1"}; BON_N=${BON_N:-2}
+  STEPS=${STEPS:-2}; SEEDS=${SEEDS:-"1"}; BON_N=${BON_N:-2}; N_PA=${N_PA:-4}
 else
   OUT=${OUT:-runs/bon}; N_TRAIN=${N_TRAIN:-64}; M=${M:-8}; N_EVAL=${N_EVAL:-24}; NMAX=${NMAX:-16}
-  STEPS=${STEPS:-16}; SEEDS=${SEEDS:-"1 2 3"}; BON_N=${BON_N:-4}
+  STEPS=${STEPS:-16}; SEEDS=${SEEDS:-"1 2 3"}; BON_N=${BON_N:-4}; N_PA=${N_PA:-100}
 fi
 LR=${LR:-1e-4}
 BATCH=${BATCH:-8}          # rows (candidates) per optimizer step; STEPS x BATCH rows for every arm
@@ -46,12 +49,12 @@ mkdir -p "$OUT"
 stamp() { local c; times > "$OUT/.times"; c=$(tail -1 "$OUT/.times" | tr ' ' '/')
   echo "$1 wall_s=$(( $(date +%s) - start )) cpu_user/sys=$c" >> "$OUT/timing.txt"; }
 
-log "1/4 sampling: $N_TRAIN training questions x $M candidates, verifier scores"
+log "1/5 sampling: $N_TRAIN training questions x $M candidates, verifier scores"
 $AFT data build --config examples/bon/data.yaml --out "$OUT/data" --n_prompts "$N_TRAIN" --m "$M" \
   --k "$(( M < 4 ? M : 4 ))" $SPLIT
 stamp data
 
-log "2/4 train arms ($ARMS) x seeds ($SEEDS): $STEPS steps of $BATCH rows, lr $LR, N=$BON_N, rounds $ROUNDS"
+log "2/5 train arms ($ARMS) x seeds ($SEEDS): $STEPS steps of $BATCH rows, lr $LR, N=$BON_N, rounds $ROUNDS"
 for seed in $SEEDS; do
   for arm in $ARMS; do
     dir="$OUT/$arm-s$seed"
@@ -63,7 +66,7 @@ for seed in $SEEDS; do
   done
 done
 
-log "3/4 $NMAX samples per held-out question ($N_EVAL) for every model"
+log "3/5 $NMAX samples per held-out question ($N_EVAL) for every model"
 labels="base"
 for seed in $SEEDS; do for arm in $ARMS; do labels="$labels $arm-s$seed"; done; done
 for label in $labels; do
@@ -73,7 +76,16 @@ for label in $labels; do
   stamp "eval-$label"
 done
 
-log "4/4 curves"
+log "4/5 P&A K=4 L=1 on $N_PA held-out questions: each model's proposals, one fixed aggregator (the base model)"
+for label in $labels; do
+  $AFT eval run --config examples/bon/eval.yaml --out "$OUT/eval_pa" --model smollm2-135m \
+    --proposers "$([ "$label" = base ] && echo smollm2-135m || echo "$OUT/$label")" --label "$label" \
+    --strategies "pa:k=4,l=1" --limit "$N_PA" $SPLIT
+  stamp "pa-$label"
+done
+$AFT eval report "$OUT/eval_pa" --title "P&A K=4 L=1, base-model aggregator, proposals from each arm"
+
+log "5/5 curves"
 ks=""; k=1; while [ "$k" -le "$NMAX" ]; do ks="$ks $k"; k=$(( k * 2 )); done
 $AFT eval curves "$OUT/eval" --ks $ks                 # per model
 $AFT eval curves "$OUT/eval" --ks $ks --pool_seeds    # per arm, training seeds pooled
