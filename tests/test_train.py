@@ -144,6 +144,31 @@ def test_adapter_reload_and_merge_match_in_memory(tiny_dir, tmp_path, tok):
 
 
 @pytest.mark.slow  # trains (TRL) twice
+
+@pytest.mark.slow  # trains (TRL) twice
+def test_training_from_an_adapter_folder_keeps_that_adapter(tiny_dir, tmp_path, tok):
+    """`--model <adapter>` with LoRA trains that adapter further: the result, loaded as `aft infer` loads it,
+    holds the first adapter's training too (it used to be merged, a new adapter trained on top, and only the
+    new one saved against the original base: the first was lost)."""
+    from aft.loading import load_pretrained
+
+    first = run_train(cfg_for(tiny_dir, tmp_path / "a", max_steps=2, per_device_train_batch_size=2)).output_dir
+    # a learning rate of 1e-12: the second run changes nothing visible, so it must equal the first adapter
+    second = run_train(cfg_for(first, tmp_path / "b", max_steps=1, per_device_train_batch_size=2,
+                               learning_rate=1e-12)).output_dir
+    assert (second / "aft_base_model.txt").read_text().strip() == str(tiny_dir)
+    x = torch.tensor([tok("<|im_start|>user\nCalculate 2 + 2.<|im_end|>\n")["input_ids"]])
+
+    def logits(model: str):
+        spec = resolve(model)
+        lm, _ = load_pretrained(spec.path, adapter=spec.adapter, dtype="float32", device="cpu")
+        with torch.no_grad():
+            return lm(input_ids=x).logits
+
+    want = logits(str(first))
+    assert not torch.allclose(logits(str(tiny_dir)), want, atol=1e-4)  # the first adapter learned something
+    torch.testing.assert_close(logits(str(second)), want, atol=1e-5, rtol=1e-5)
+
 def test_resume_from_last_checkpoint(tiny_dir, tmp_path):
     out = tmp_path / "resume"
     kw = dict(save_steps=1, resume=True, per_device_train_batch_size=2)

@@ -336,8 +336,11 @@ def _device() -> str:
 
 
 def load_model(model: str, dtype: str = "auto", load_in_4bit: bool = False, chat_template: str | None = None,
-               use_peft: bool = True):
+               use_peft: bool = True, merge_adapter: bool = True):
     """(model, tokenizer, end-of-turn id, the base's --model string) for training or scoring.
+
+    An adapter folder's adapter is merged into its base, unless `merge_adapter` is False (then the base
+    alone is loaded: the caller trains that adapter further).
 
     Weights go to this process's device (cuda:$LOCAL_RANK, or the CPU), typed by
     aft.loading.training_dtype; under ZeRO-3 call it after `sft_config` (see run_train).
@@ -350,8 +353,13 @@ def load_model(model: str, dtype: str = "auto", load_in_4bit: bool = False, chat
         raise AftError(f"{model}: training needs local weights (a model folder, adapter folder, hub id or the "
                        f"embedded model), not a {spec.kind} endpoint")
     device, shard = default_device(), sharding()
-    lm, tok = load_pretrained(spec.path, adapter=spec.adapter, dtype=training_dtype(dtype, device, use_peft, shard),
-                              device=device, load_in_4bit=load_in_4bit, shard=shard)
+    lm, tok = load_pretrained(spec.path, adapter=spec.adapter if merge_adapter else None,
+                              dtype=training_dtype(dtype, device, use_peft, shard), device=device,
+                              load_in_4bit=load_in_4bit, shard=shard)
+    if spec.adapter and not merge_adapter and (Path(spec.adapter) / "tokenizer_config.json").exists():
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(spec.adapter)  # the chat template it was trained with
     eot = setup_chat_template(tok, chat_template)
     add_eos(lm, eot)
     base = model
@@ -601,7 +609,16 @@ def train_once(cfg: TrainConfig, init_adapter: str | None = None, round_: tuple[
 
     args = sft_config(cfg)  # first: ZeRO-3 init and this process's GPU need it at load time
     t_load = time.time()
-    lm, tok, eot, base = load_model(cfg.model, cfg.dtype, cfg.load_in_4bit, cfg.chat_template, cfg.use_peft)
+    from .models import resolve
+
+    adapter = resolve(cfg.model).adapter
+    if cfg.use_peft and adapter and init_adapter is None:
+        # LoRA from an adapter folder trains that adapter further. (Merging it into the base and adding a new
+        # adapter would save only the new one, against the original base: the first adapter would be lost.)
+        init_adapter = adapter
+        log.info("--model is a LoRA adapter: training it further (its rank and target modules are kept)")
+    lm, tok, eot, base = load_model(cfg.model, cfg.dtype, cfg.load_in_4bit, cfg.chat_template, cfg.use_peft,
+                                    merge_adapter=not (cfg.use_peft and adapter))
     if cfg.load_in_4bit:
         from peft import prepare_model_for_kbit_training
 
