@@ -8,6 +8,9 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
+import threading
+import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never use the hub: a hub id fails at once, offline
@@ -160,3 +163,29 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "embedded_dir" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+
+
+class StreamingFake(FakeEngine):
+    """FakeEngine that streams each completion a word at a time: `first_delay` seconds before a call's first
+    word (slow proposals), `delay` between words; `fail_after` words: raise, as a broken engine would."""
+
+    def __init__(self, continuous=True, first_delay=0.0, delay=0.0, fail_after=None, context_window=None):
+        super().__init__(context_window)
+        self.continuous, self.first_delay, self.delay, self.fail_after = continuous, first_delay, delay, fail_after
+        self.lock = threading.Lock()
+
+    def generate(self, requests, on_text=None):
+        with self.lock:
+            results = super().generate(requests)
+        time.sleep(self.first_delay)
+        sent = 0
+        for i, res in enumerate(results):
+            for j, c in enumerate(res.completions):
+                for piece in re.split(r"(?<= )", c.text):
+                    if self.fail_after is not None and sent >= self.fail_after:
+                        raise RuntimeError("the engine broke")
+                    if on_text and piece:
+                        on_text(i, j, piece)
+                    sent += 1
+                    time.sleep(self.delay)
+        return results

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
 
-from aft.engines.base import Request, SamplingParams  # noqa: E402
+from aft.engines.base import CANCELLED, Request, SamplingParams  # noqa: E402
 from aft.engines.hf import HFEngine  # noqa: E402
 from aft.errors import AftError  # noqa: E402
 
@@ -96,6 +97,69 @@ def test_a_call_joining_a_running_batch_gets_the_texts_it_gets_alone(engine):
     assert engine.scheduler.batch.rows == [] and engine.scheduler.batch.cache is None  # idle: no memory held
     assert [c.tokens for r in got["a"][:-1] for c in r.completions] == [
         c.tokens for r in alone_a[:-1] for c in r.completions]
+
+
+def test_a_cancelled_call_leaves_the_batch_at_once_and_the_others_go_on(engine):
+    """Call A (two requests, max_tokens 500) decodes; call B joins it; A is cancelled mid-decode (its requests'
+    `cancel` events): A returns at once, each request CANCELLED, no later forward pass carries its rows, and B
+    gets the texts it gets alone."""
+    b_reqs = [req(q, max_tokens=16) for q in SHORT]
+    alone_b = texts(engine.generate(b_reqs))
+    cancel = threading.Event()
+    a_reqs = [Request(r.messages, r.params, cancel) for r in (req(LONG[0], max_tokens=500),
+                                                              req(SHORT[1], n=2, temperature=1.0, seed=1,
+                                                                  max_tokens=500))]
+    b_started, at = threading.Event(), []
+    got: dict[str, list] = {}
+
+    def decode_steps():
+        return [s for s in engine.step_log if "prefill" not in s]
+
+    def on_a(i, j, delta):
+        steps = decode_steps()
+        if len(steps) >= 3:
+            b_started.set()
+        if not cancel.is_set() and steps and len(steps[-1]) == 2 and sum(steps[-1].values()) == 5:
+            at.append((len(engine.step_log), time.monotonic()))  # A's 3 rows and B's 2 in the last pass
+            cancel.set()
+
+    def call_b():
+        b_started.wait(60)
+        got["b"] = engine.generate(b_reqs)
+
+    engine.step_log = []
+    try:
+        b = threading.Thread(target=call_b)
+        b.start()
+        got["a"] = engine.generate(a_reqs, on_text=on_a)
+        returned = time.monotonic()
+        b.join(60)
+        log = engine.step_log
+    finally:
+        engine.step_log = None
+    assert at and not b.is_alive()
+    a_id = next(iter(log[1]))  # the first decode step: A's alone
+    assert [r.error for r in got["a"]] == [CANCELLED, CANCELLED] and all(not r.completions for r in got["a"])
+    assert returned - at[0][1] < 2.0  # (a decode step of this model takes milliseconds; the machine is loaded)
+    assert all(a_id not in s for s in log[at[0][0]:])  # no forward pass after the cancel carries A's rows
+    assert sum(a_id in s for s in log) < 40  # far from the 500 tokens it asked for
+    assert texts(got["b"]) == alone_b
+    assert engine.scheduler.batch.rows == [] and not engine.scheduler.queue
+
+
+def test_a_cancelled_request_waiting_in_the_queue_is_dropped(engine):
+    """A request cancelled before its rows are admitted never runs; the call's other request is answered."""
+    cancel = threading.Event()
+    cancel.set()
+    engine.step_log = []
+    try:
+        out = engine.generate([req(SHORT[0], max_tokens=6), Request(req(SHORT[1]).messages, req(SHORT[1]).params,
+                                                                    cancel)])
+        log = engine.step_log
+    finally:
+        engine.step_log = None
+    assert out[1].error == CANCELLED and out[0].completions and out[0].error is None
+    assert log[0] == {"prefill": 1}
 
 
 def test_padded_prefill_blocks_join_like_grouped_ones(tokenizer):

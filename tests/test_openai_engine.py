@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import re
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -520,3 +523,74 @@ def test_neutral_sampling_values_are_sent_when_the_user_set_none(fake):
     assert off["top_k"] == -1 and off["repetition_penalty"] == 1.0 and off["min_p"] == 0.0
     assert off["temperature"] == 0.7 and off["top_p"] == 0.9 and off["max_tokens"] == SamplingParams.max_tokens
     assert k50["top_k"] == 50
+
+
+# ------------------------------------------------- cancellation, the pool-wide warning (aft serve upstream)
+UP = [{"role": "user", "content": "Count for me."}]
+
+
+def test_a_cancelled_request_is_given_up_at_once_and_its_neighbour_is_answered():
+    """Against `aft serve` streaming a word every 0.03 s: request A's cancel event is set at its first word (it
+    is streamed, as every cancellable request is): generate stops waiting for it and closes its stream (the
+    upstream server counts a client that left); request B of the same call gets its whole answer."""
+    from conftest import StreamingFake
+
+    from aft.engines.base import CANCELLED
+    from aft.serve import Server, make_service
+
+    with Server(make_service(StreamingFake(delay=0.03), name="up")) as srv:
+        eng = OpenAIEngine(srv.base_url, model="up", max_retries=0)
+        want = eng.generate([Request(UP, SamplingParams(seed=2, max_tokens=64))])[0].completions[0].text
+        cancel = threading.Event()
+        first = []
+
+        def on_text(i, j, delta):
+            if i == 0 and not cancel.is_set():
+                first.append(time.monotonic())
+                cancel.set()
+
+        out = eng.generate([Request(UP, SamplingParams(seed=1, max_tokens=64), cancel),
+                            Request(UP, SamplingParams(seed=2, max_tokens=64))], on_text=on_text)
+        deadline = time.monotonic() + 5
+        while srv.metrics.count(status=499) < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert srv.metrics.count(status=499) == 1 and srv.metrics.count(status=200) == 2  # A left; B and `want`
+        eng.close()
+    assert out[0].error == CANCELLED and not out[0].completions
+    assert out[1].error is None and out[1].completions[0].text == want
+
+
+def test_a_request_cancelled_before_it_is_sent_is_never_sent():
+    from conftest import StreamingFake
+
+    from aft.engines.base import CANCELLED
+    from aft.serve import Server, make_service
+
+    upstream = StreamingFake()
+    with Server(make_service(upstream, name="up")) as srv:
+        eng = OpenAIEngine(srv.base_url, model="up", max_retries=0)
+        cancel = threading.Event()
+        cancel.set()
+        out = eng.generate([Request(UP, SamplingParams(seed=1), cancel), Request(UP, SamplingParams(seed=2))])
+        eng.close()
+    assert out[0].error == CANCELLED and out[1].completions and len(upstream.requests) == 1
+
+
+def test_unanswered_requests_get_one_warning_per_period_for_the_whole_engine(caplog):
+    """Eight concurrent generate calls (per-query pipelines make many) wait 1.2 s on a slow server; with a
+    warning period of 0.5 s (timeout / 3) the engine logs once per period for all of them, naming how many
+    wait and for how long, not once per call."""
+    from conftest import StreamingFake
+
+    from aft.serve import Server, make_service
+
+    with Server(make_service(StreamingFake(first_delay=1.2), name="up")) as srv:
+        eng = OpenAIEngine(srv.base_url, model="up", max_retries=0, timeout=1.5)
+        with caplog.at_level(logging.WARNING, logger="aft.engines.openai"), ThreadPoolExecutor(8) as pool:
+            outs = list(pool.map(lambda k: eng.generate([Request(UP, SamplingParams(seed=k))]), range(8)))
+        eng.close()
+    assert all(o[0].completions for o in outs)
+    said = [r.getMessage() for r in caplog.records if "unanswered" in r.getMessage()]
+    times = [r.created for r in caplog.records if "unanswered" in r.getMessage()]
+    assert said and all(b - a >= 0.45 for a, b in zip(times, times[1:])), said  # one per period, for all calls
+    assert int(re.search(r": (\d+) requests? unanswered, the oldest for 0\.[5-9] s", said[0])[1]) > 1, said

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import openai
 import pytest
-from conftest import FakeEngine
+from conftest import FakeEngine, StreamingFake
 
 from aft.aggregate import LayerTrace, PAConfig
 from aft.prompts import MOA_AGGREGATOR_TEMPLATE
@@ -32,32 +32,6 @@ from aft.sampling import Sampling
 from aft.serve import Limits, Server, make_service
 
 USER = [{"role": "user", "content": "What is 2 + 3?"}]
-
-
-class StreamingFake(FakeEngine):
-    """FakeEngine that streams each completion a word at a time: `first_delay` seconds before a call's first
-    word (slow proposals), `delay` between words; `fail_after` words: raise, as a broken engine would."""
-
-    def __init__(self, continuous=True, first_delay=0.0, delay=0.0, fail_after=None, context_window=None):
-        super().__init__(context_window)
-        self.continuous, self.first_delay, self.delay, self.fail_after = continuous, first_delay, delay, fail_after
-        self.lock = threading.Lock()
-
-    def generate(self, requests, on_text=None):
-        with self.lock:
-            results = super().generate(requests)
-        time.sleep(self.first_delay)
-        sent = 0
-        for i, res in enumerate(results):
-            for j, c in enumerate(res.completions):
-                for piece in re.split(r"(?<= )", c.text):
-                    if self.fail_after is not None and sent >= self.fail_after:
-                        raise RuntimeError("the engine broke")
-                    if on_text and piece:
-                        on_text(i, j, piece)
-                    sent += 1
-                    time.sleep(self.delay)
-        return results
 
 
 @contextlib.contextmanager
@@ -486,3 +460,58 @@ def test_stream_equals_whole_on_a_real_tiny_model(tiny_engine):
             streamed = "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
                 model=model, messages=USER, seed=3, temperature=1.0, stream=True) if ch.choices)
             assert streamed == whole.choices[0].message.content and whole.usage.completion_tokens > 0
+
+
+def _leave(srv, body: dict, until) -> None:
+    """POST `body` on a raw connection, read lines until `until(line)` (streams; None: send and wait for nothing),
+    then drop the connection as a client that goes away does."""
+    conn = http.client.HTTPConnection(srv.host, srv.port, timeout=30)
+    conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+    if until is not None:
+        resp = conn.getresponse()
+        while not until(resp.fp.readline().decode()):
+            pass
+    else:
+        until_busy = time.monotonic() + 30
+        while sum("prefill" not in s for s in srv.service.engine.step_log) < 3 and time.monotonic() < until_busy:
+            time.sleep(0.005)
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+
+
+@pytest.mark.parametrize("model, stream", [("m-plain", True), ("m-plain", False), ("m", True)])
+def test_a_client_that_leaves_frees_its_rows_at_once(tiny_engine, model, stream):
+    """The transformers engine behind the server, max_tokens 1500: a client leaves a few tokens into its answer
+    (a stream after three text chunks, a whole answer after three decode steps; the P&A model while its
+    proposals are written, after the first keep-alive): its rows leave the decode batch within a few steps,
+    the P&A aggregation never starts, and the gauges fall to zero."""
+    pa = PAConfig(n=2, num_aggregation=1, sampling=Sampling(max_tokens=1500, temperature=1.0))
+    body = {"model": model, "messages": USER, "stream": stream, "max_tokens": 1500, "seed": 5, "temperature": 1.0}
+    texts = 0
+
+    def until(line: str) -> bool:
+        nonlocal texts
+        texts += '"content": "' in line and '"content": ""' not in line
+        return texts >= 3 or (model == "m" and line.startswith(": keep-alive"))
+
+    tiny_engine.step_log = []
+    try:
+        with serving(tiny_engine, pa, max_tokens=1500, keepalive=0.05) as srv:
+            _leave(srv, body, until if stream else None)
+            left, deadline = len(tiny_engine.step_log), time.monotonic() + 10
+            while (srv.metrics.running or tiny_engine.scheduler.batch.rows) and time.monotonic() < deadline:
+                time.sleep(0.005)
+            freed = len(tiny_engine.step_log)
+            assert srv.metrics.running == srv.metrics.waiting == 0 and not tiny_engine.scheduler.batch.rows
+            assert not tiny_engine.scheduler.queue
+            deadline = time.monotonic() + 5
+            while srv.metrics.count(status=499) < 1 and time.monotonic() < deadline:
+                time.sleep(0.005)
+            assert srv.metrics.count(status=499) == 1 and srv.service.in_server == 0
+        log = tiny_engine.step_log
+    finally:
+        tiny_engine.step_log = None
+    decode = [s for s in log if "prefill" not in s]
+    assert 1 <= len(decode) < 200  # the work had started; far from the 1500 tokens asked for
+    assert freed - left < 50  # the steps between the client leaving and its rows leaving
+    assert [s for s in log if "prefill" in s] == [{"prefill": 2 if model == "m" else 1}]  # no aggregation

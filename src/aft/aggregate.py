@@ -19,6 +19,11 @@ soon as its own proposals are done. On the others the loop is
 layer-synchronous: every query of the batch advances one layer in a single
 engine call. Both give the same texts for the same seeds.
 
+A query may carry a cancel event (`Query.cancel`, from `Request.cancel`):
+once it is set the query starts no further layer, and its requests of the
+running layer carry the event, so the engine stops them (engines/base.py); the
+query ends with the error "layer N: cancelled...".
+
 `PAEngine` puts the loop behind the Engine interface (`aft serve`); `aft infer`
 and `aft eval` call `propose_and_aggregate` itself, and put reading, writing,
 resuming and progress around it.
@@ -34,8 +39,8 @@ import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
-from .engines.base import (Completion, Engine, OnText, Request, Result, SamplingParams, check_fits, derive_seed,
-                           share_seconds)
+from .engines.base import (CANCELLED, Completion, Engine, OnText, Request, Result, SamplingParams, check_fits,
+                           derive_seed, share_seconds)
 from .errors import AftError
 from .prompts import Cut, PromptStyle, aggregator_messages, apply_cuts, fit_proposals, proposer_messages, shuffled
 from .sampling import Sampling
@@ -199,6 +204,7 @@ class Query:
     messages: list[dict]
     seed: int | None = None  # None: derive_seed(cfg.seed, id), what `aft infer` and `aft eval` use
     final: SamplingParams | None = None  # the final layer's sampling (n is ignored: one answer); None: the config's
+    cancel: threading.Event | None = None  # set: the query stops (the module's docstring)
 
 
 @dataclass
@@ -308,6 +314,9 @@ def _run_layer(layer: Layer, states: list[_State], cfg: PAConfig, engine: Engine
     for s in states:
         if s.result.error:
             continue
+        if s.query.cancel is not None and s.query.cancel.is_set():
+            _fail(s, layer, CANCELLED)
+            continue
         params = layer.params
         if layer.role == "final" and s.query.final is not None:
             params = dataclasses.replace(s.query.final, n=1)
@@ -321,9 +330,11 @@ def _run_layer(layer: Layer, states: list[_State], cfg: PAConfig, engine: Engine
                     if n:
                         check_fits(proposer, messages)
                         sp = dataclasses.replace(params, n=n, seed=seed if p == 0 else derive_seed(seed, "proposer", p))
-                        parts.append(_Part(s, proposer, Request(messages, sp), proposer.model if named else None))
+                        parts.append(_Part(s, proposer, Request(messages, sp, s.query.cancel),
+                                           proposer.model if named else None))
             else:
-                parts = [_Part(s, engine, Request(messages, dataclasses.replace(params, seed=seed)), None)]
+                parts = [_Part(s, engine, Request(messages, dataclasses.replace(params, seed=seed), s.query.cancel),
+                               None)]
         except AftError as e:
             _fail(s, layer, str(e))
             continue
@@ -435,7 +446,7 @@ class PAEngine(Engine):
             p = r.params
             for j in range(p.n):
                 seed = secrets.randbelow(2**31) if p.seed is None else p.seed if j == 0 else derive_seed(p.seed, j)
-                runs.append((i, j, Query(f"request {i} answer {j}", r.messages, seed, p)))
+                runs.append((i, j, Query(f"request {i} answer {j}", r.messages, seed, p, r.cancel)))
         relay = None
         if on_text is not None:
             def relay(k, delta):
@@ -478,4 +489,5 @@ def _answer(qr: QueryResult) -> Completion:
 
 def _fail(s: _State, layer: Layer, reason: str) -> None:
     s.result.error = f"layer {layer.index}: {reason}"
-    log.warning("query %s: %s", s.query.id, s.result.error)
+    log.log(logging.DEBUG if reason.endswith(CANCELLED) else logging.WARNING, "query %s: %s", s.query.id,
+            s.result.error)

@@ -16,6 +16,17 @@ a completion's deltas concatenate to exactly its final text (stop strings
 already cut). An engine that cannot stream calls it once per completion with
 the whole text, when the batch is done (`emit_whole`).
 
+Cancellation: a Request may carry `cancel`, a threading.Event its caller sets
+when it no longer wants the answer (`aft serve`: the client went away). The
+engine then stops working on that request as soon as it can (the transformers
+engine drops its rows before the next decode step; the openai engine closes the
+request's streams and sends none of its calls not yet started; P&A starts no
+further layer and cancels the running one's inner requests) and answers it with
+`Result.failed(CANCELLED)`; the other requests of the call, and of concurrent
+calls, go on unaffected. `generate` returns once each of its requests is
+answered or cancelled. An engine that cannot interrupt its work (vLLM's offline
+`LLM.chat`) skips the requests cancelled before the call starts.
+
 Concurrency: an engine whose `continuous` is True may have `generate` called
 from several threads at once, and concurrent calls share its work (independent
 HTTP requests; a scheduler that lets rows join a running batch). Otherwise the
@@ -25,6 +36,7 @@ caller makes one call at a time, and big batches pay.
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -53,10 +65,18 @@ class SamplingParams:
         return d
 
 
+CANCELLED = "cancelled: the caller no longer wants the answer"
+
+
 @dataclass
 class Request:
     messages: list[dict]
     params: SamplingParams
+    cancel: threading.Event | None = field(default=None, compare=False, repr=False)  # set: stop (module docstring)
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel is not None and self.cancel.is_set()
 
 
 @dataclass

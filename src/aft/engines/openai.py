@@ -49,8 +49,18 @@ request the server rejects on its own (400, 413, 422, once the fallbacks above
 are spent: e.g. a prompt longer than the model's context) fails alone: its
 Result carries the server's message as `error`, the rest of the batch is
 answered.
-While calls are unanswered a log line every `min(30 s, timeout / 3)` says how
-many, for how long, and from which server.
+While calls are unanswered one warning per `min(30 s, timeout / 3)` for the
+whole engine (all concurrent `generate` calls together: per-query P&A
+pipelines make many) says how many requests wait, the oldest for how long, and
+on which server.
+
+Cancellation (`Request.cancel`, base.py): a request that can be cancelled is
+always streamed, so that it can be given up mid-way: once its event is set,
+its streams are closed at the next chunk (the server sees the connection go,
+and `aft serve` and vLLM stop generating), its calls not yet started are not
+sent, and `generate` stops waiting for it (it polls the events every 0.1 s)
+and answers it CANCELLED. A call already sent without streaming (a server that
+refuses `stream`) runs to its end in the pool, its answer unused.
 
 Streaming: with `on_text`, each call is made with `stream=True` (and
 `stream_options.include_usage`, for the token counts) and each choice's text
@@ -74,13 +84,13 @@ import os
 import re
 import threading
 import time
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 
 import openai
 
 from ..errors import AftError
 from .args import EngineArgs
-from .base import Completion, Engine, OnText, Request, Result, SamplingParams, sample_seeds
+from .base import CANCELLED, Completion, Engine, OnText, Request, Result, SamplingParams, sample_seeds
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +110,16 @@ REJECTED = (400, 413, 422)  # statuses that concern one request, not the server
 
 class Rejected(AftError):
     """The server refused one request (REJECTED); that request fails, the batch goes on."""
+
+
+class Cancelled(Rejected):
+    """The caller cancelled the request (Request.cancel); it fails alone, as a rejected one."""
+
+    def __init__(self):
+        super().__init__(CANCELLED)
+
+
+CANCEL_POLL = 0.1  # seconds between looks at the cancel events of a call's requests
 
 
 class OpenAIEngine(Engine):
@@ -128,6 +148,10 @@ class OpenAIEngine(Engine):
         self.refused: set[str] = set()  # parameters the server said it does not take (see _drop)
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="aft-openai")
+        # Calls submitted and not answered, over all generate calls -> when submitted; one warning per period
+        self._unanswered: dict[Future, float] = {}
+        self._warn_every = min(30.0, timeout / 3)
+        self._warned_at = float("-inf")
         if not self.model:
             self.model = self._first_model()
 
@@ -176,11 +200,19 @@ class OpenAIEngine(Engine):
             return None if on_text is None else lambda k, delta: on_text(i, slots[k], delta)
 
         futures = [self._pool.submit(self._call, requests[i].messages, requests[i].params, len(slots), seed,
-                                     emit(i, slots)) for i, slots, seed in calls]
+                                     emit(i, slots), requests[i].cancel) for i, slots, seed in calls]
+        now = time.monotonic()
+        with self._lock:
+            self._unanswered.update((f, now) for f in futures)
+        for f in futures:
+            f.add_done_callback(self._answered)
         try:
-            self._wait_saying_so(futures)
+            self._wait_saying_so(futures, [requests[i] for i, *_ in calls])
             for (i, slots, seed), fut in zip(calls, futures):
                 res = results[i]
+                if requests[i].cancelled:  # not waited for (see _wait_saying_so)
+                    res.completions, res.seeds, res.error = [], [], CANCELLED
+                    continue
                 try:
                     completions, prompt_tokens = fut.result()
                 except Rejected as e:  # this request alone
@@ -201,16 +233,40 @@ class OpenAIEngine(Engine):
                 f.cancel()
             raise
 
-    def _wait_saying_so(self, futures) -> None:
-        """Wait for the calls (or the first error), logging now and then what is still unanswered."""
-        t0, every = time.monotonic(), min(30.0, self.timeout / 3)
+    def _wait_saying_so(self, futures: list[Future], requests: list[Request]) -> None:
+        """Wait for the calls (or the first error), but not for those of cancelled requests (the ones not
+        started are withdrawn); meanwhile the engine-wide warning about unanswered calls (_say_waiting)."""
+        cancellable = any(r.cancel is not None for r in requests)
         while True:
-            done, pending = wait(futures, timeout=every, return_when=FIRST_EXCEPTION)
+            live = []
+            for f, r in zip(futures, requests):
+                if r.cancelled:
+                    f.cancel()  # (one not started yet is never sent)
+                else:
+                    live.append(f)
+            done, pending = wait(live, timeout=CANCEL_POLL if cancellable else self._warn_every,
+                                 return_when=FIRST_EXCEPTION)
             if not pending or any(f.exception() is not None for f in done):
                 return
-            log.warning("waiting for %s (model %s): %d of %d requests unanswered after %.0f s (timeout %g s per "
-                        "attempt, %d attempt%s)", self.base_url, self.model, len(pending), len(futures),
-                        time.monotonic() - t0, self.timeout, self.max_retries + 1, "s" if self.max_retries else "")
+            self._say_waiting()
+
+    def _answered(self, future: Future) -> None:
+        with self._lock:
+            self._unanswered.pop(future, None)
+
+    def _say_waiting(self) -> None:
+        """At most one warning per period for the whole engine, while some call has waited a period."""
+        now = time.monotonic()
+        with self._lock:
+            if now - self._warned_at < self._warn_every or not self._unanswered:
+                return
+            oldest = now - min(self._unanswered.values())
+            if oldest < self._warn_every:
+                return
+            self._warned_at, waiting = now, len(self._unanswered)
+        log.warning("waiting for %s (model %s): %d request%s unanswered, the oldest for %.1f s (timeout %g s per "
+                    "attempt, %d attempt%s)", self.base_url, self.model, waiting, "s" if waiting > 1 else "", oldest,
+                    self.timeout, self.max_retries + 1, "s" if self.max_retries else "")
 
     def _note_n(self, asked: int, got: int) -> None:
         with self._lock:
@@ -245,18 +301,22 @@ class OpenAIEngine(Engine):
         return kw
 
     def _call(self, messages: list[dict], p: SamplingParams, n: int, seed: int | None,
-              emit=None) -> tuple[list[Completion], int]:
+              emit=None, cancel=None) -> tuple[list[Completion], int]:
         """One chat.completions call -> (completions, prompt tokens).
 
         Fewer completions than n come back when the server ignores or refuses n
         (the caller fetches the rest); a refused parameter is dropped and the call retried.
-        `emit(k, delta)`: stream choice k's text (see the module's docstring).
+        `emit(k, delta)`: stream choice k's text; `cancel`: an event that gives the call up (Cancelled);
+        see the module's docstring.
         """
         probing = n > 1 and self.honours_n is None  # does the server take n? Ask once, without retries
         client = self.client.with_options(max_retries=0) if probing else self.client
         while True:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled()
             # Stop strings the server refused are cut here, once the text is whole: those texts are not streamed.
-            kw = self._body(messages, p, n, seed, emit is not None and not (p.stop and "stop" in self.refused))
+            kw = self._body(messages, p, n, seed, (emit is not None or cancel is not None)
+                            and not (p.stop and "stop" in self.refused))
             stream = bool(kw.get("stream"))  # unless the server refused to stream
             try:
                 resp = client.chat.completions.create(**kw)
@@ -267,14 +327,14 @@ class OpenAIEngine(Engine):
                         continue
                     if probing and e.status_code in _REFUSES_N and e.param in (None, "n"):
                         self._refuses_n(n, e)
-                        return self._call(messages, p, 1, seed, emit)
+                        return self._call(messages, p, 1, seed, emit, cancel)
                 status = getattr(e, "status_code", None)
                 if probing and (status is None or status in (408, 409, 429) or status >= 500):
                     probing, client = False, self.client  # busy, flaky or unreachable: ask again, with retries
                     continue
                 raise self._error(e) from e
         if stream:
-            texts, finish, usage = self._read_stream(resp, n, emit)
+            texts, finish, usage = self._read_stream(resp, n, emit, cancel)
         else:
             if not hasattr(resp, "choices"):  # the client hands back the body as text when it is not JSON
                 raise AftError(f"{self.base_url} (model {self.model!r}): the reply is not an OpenAI chat completion "
@@ -301,12 +361,15 @@ class OpenAIEngine(Engine):
         prompt_tokens = usage.prompt_tokens if usage is not None and usage.prompt_tokens is not None else 0
         return completions, prompt_tokens
 
-    def _read_stream(self, stream, n: int, emit) -> tuple[list[str], list[str], object]:
-        """Read a streamed reply, passing each choice's new text to `emit` -> (texts, finish reasons, usage)
-        of the choices that came, in index order."""
+    def _read_stream(self, stream, n: int, emit, cancel=None) -> tuple[list[str], list[str], object]:
+        """Read a streamed reply, passing each choice's new text to `emit` (if any) -> (texts, finish reasons,
+        usage) of the choices that came, in index order. `cancel` set: the stream is closed (Cancelled)."""
         texts, finish, usage, seen = [""] * n, ["stop"] * n, None, set()
         try:
             for chunk in stream:
+                if cancel is not None and cancel.is_set():
+                    stream.close()  # the connection goes: the server stops generating
+                    raise Cancelled()
                 usage = getattr(chunk, "usage", None) or usage  # the last chunk, with include_usage
                 for c in chunk.choices or []:
                     if c.index >= n:
@@ -315,7 +378,8 @@ class OpenAIEngine(Engine):
                     delta = c.delta.content if c.delta is not None else None
                     if delta:
                         texts[c.index] += delta
-                        emit(c.index, delta)
+                        if emit is not None:
+                            emit(c.index, delta)
                     if c.finish_reason:
                         finish[c.index] = "length" if c.finish_reason == "length" else "stop"
         except openai.OpenAIError as e:

@@ -36,7 +36,7 @@ from __future__ import annotations
 import logging
 
 from ..errors import AftError
-from .base import CHATML_TEMPLATE, Completion, Engine, OnText, Request, Result, SamplingParams, context_error, emit_whole
+from .base import CANCELLED, CHATML_TEMPLATE, Completion, Engine, OnText, Request, Result, SamplingParams, context_error, emit_whole
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +113,12 @@ class VLLMEngine(Engine):
         if not requests:
             return []
         # vLLM refuses the whole batch for one prompt longer than max_model_len: that prompt fails alone.
+        # A request cancelled before the call is not sent; LLM.chat itself cannot be interrupted.
         results: list[Result | None] = [None] * len(requests)
         for i, r in enumerate(requests):
+            if r.cancelled:
+                results[i] = Result.failed(CANCELLED)
+                continue
             n = self.count_tokens(r.messages)
             error = context_error(n, self.context_window)
             if error:

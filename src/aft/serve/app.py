@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request as HTTPRequest
-from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ..aggregate import PAConfig
@@ -204,8 +204,8 @@ class ChatService:
                 loop.call_soon_threadsafe(events.put_nowait, ("tick",))
 
     def finish(self, events: asyncio.Queue) -> None:
-        """A request is over (answered, failed, or its client left)."""
-        events.job.cancelled = True
+        """A request is over (answered, failed, or its client left: then its work stops)."""
+        events.job.cancel()
         self._waiting.pop(events, None)
         self.in_server -= 1
 
@@ -291,15 +291,28 @@ def build_app(service: ChatService) -> Starlette:
             service.metrics.finished(name, e.status, time.monotonic() - t0)
             raise
         events = service.start(call)
-        if call.stream:
+        if call.stream:  # (Starlette cancels the stream when the client disconnects)
             return StreamingResponse(_stream(service, call, events, t0), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await _whole(service, call, events, t0)
+        watch = asyncio.create_task(_watch_disconnect(http, events))
+        try:
+            return await _whole(service, call, events, t0)
+        finally:
+            watch.cancel()
 
     routes = [Route("/health", health), Route("/metrics", metrics), Route("/v1/models", models),
               Route("/v1/chat/completions", chat, methods=["POST"])]
     return Starlette(routes=routes, exception_handlers={APIError: api_error, HTTPException: http_error,
                                                         Exception: bug})
+
+
+async def _watch_disconnect(http: HTTPRequest, events: asyncio.Queue) -> None:
+    """A whole answer sends nothing until it is done, so only the connection tells that its client left:
+    then the request's work stops at once, and its wait ends."""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
+    events.job.cancel()
+    events.put_nowait(("gone",))
 
 
 async def _next(service: ChatService, events: asyncio.Queue, t0: float, wait: float):
@@ -327,7 +340,7 @@ def _failure(service: ChatService, item, result: Result | None = None) -> APIErr
     return APIError(500, f"internal error: {type(e).__name__}: {e}", type="internal_error")
 
 
-async def _whole(service: ChatService, call: Call, events: asyncio.Queue, t0: float) -> JSONResponse:
+async def _whole(service: ChatService, call: Call, events: asyncio.Queue, t0: float) -> Response:
     name, first = call.served.name, False
     try:
         while True:
@@ -337,6 +350,9 @@ async def _whole(service: ChatService, call: Call, events: asyncio.Queue, t0: fl
                 service.metrics.first_token(name, time.monotonic() - t0)
             elif item[0] not in ("text", "tick"):
                 break
+        if item[0] == "gone":  # no one to answer
+            service.metrics.finished(name, 499, time.monotonic() - t0)
+            return Response(status_code=499)
         result = item[1] if item[0] == "done" else None
         if result is None or result.error is not None:
             raise _failure(service, item, result)

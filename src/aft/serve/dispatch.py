@@ -11,9 +11,11 @@ never in the event loop. How depends on the engine (docs/serve.md):
 
 A job's `on_text(completion_index, delta)` and `done(result, error)` are called
 from the engine's thread; the server turns them into asyncio events with
-`loop.call_soon_threadsafe`. A job whose client went away before it started
-(`cancelled`) is dropped; one already running finishes (an engine call cannot
-be interrupted) and its answer is thrown away.
+`loop.call_soon_threadsafe`. A job whose client went away is cancelled through
+its request's `cancel` event (engines/base.py): before it started, it is
+dropped here; while it runs, the engine stops its work (the transformers
+engine's rows leave the batch before the next step, the openai engine closes
+its streams, P&A starts no further layer) and the other jobs of its batch go on.
 """
 
 from __future__ import annotations
@@ -32,10 +34,21 @@ log = logging.getLogger(__name__)
 class Job:
     engine: Engine  # what to call (the P&A engine of this request's settings, or the plain engine)
     lane: Engine  # the engine whose work it is (the inner engine): jobs of one non-continuous lane run one batch at a time
-    request: Request
+    request: Request  # with its `cancel` event (set by `cancel`)
     on_text: Callable[[int, str], None]
     done: Callable[[Result | None, BaseException | None], None]
-    cancelled: bool = False
+
+    def __post_init__(self):
+        if self.request.cancel is None:
+            self.request.cancel = threading.Event()
+
+    def cancel(self) -> None:
+        """The client went away: drop the job, or stop its work in the engine."""
+        self.request.cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self.request.cancelled
 
 
 @dataclass

@@ -12,6 +12,7 @@ import torch
 from ...errors import AftError
 from ...loading import load_pretrained
 from ..base import (
+    CANCELLED,
     CHATML_TEMPLATE,
     Engine,
     OnText,
@@ -114,7 +115,7 @@ class HFEngine(Engine):
         prompts = [self.encode(r.messages) for r in requests]
         results: list[Result | None] = [None] * len(requests)
         for i, p in enumerate(prompts):  # a prompt that does not fit fails alone
-            error = context_error(len(p), self.context_window)
+            error = CANCELLED if requests[i].cancelled else context_error(len(p), self.context_window)
             if error:
                 results[i] = Result.failed(error, prompt_tokens=len(p))
         if not self.custom:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..base import Completion, Request, Result, sample_seeds
+from ..base import CANCELLED, Completion, Request, Result, sample_seeds
 from .text import find_stop
 
 
@@ -20,6 +20,8 @@ def generate_plain(engine, requests: list[Request], prompts: list[list[int]],
     """Fill the unanswered `results` (failed ones stay) with `model.generate`, one sample at a time."""
     lm, tok = engine.lm, engine.tok
     for i, (req, prompt) in enumerate(zip(requests, prompts)):
+        if results[i] is None and req.cancelled:  # (one request at a time: the next is not started)
+            results[i] = Result.failed(CANCELLED, prompt_tokens=len(prompt))
         if results[i] is not None:
             continue
         sp = req.params

@@ -12,6 +12,10 @@ of the rows are done (the batch is rebuilt to drop them anyway), a quarter of `m
 `MAX_WAIT_STEPS` steps (a full batch does not rebuild for every few rows that leave). Admission is in queue order while the rows fit
 `max_batch_rows` and (on a GPU) the memory estimate fits the budget.
 
+Cancellation (`Request.cancel`, engines/base.py): before each step the loop drops the queued work of
+cancelled requests and stops their rows in the batch, which is rebuilt without them before the forward
+pass; their calls get `Result.failed(CANCELLED)` for them and return (once their other requests are done).
+
 Out of GPU memory: a prefill that fails puts its requests back and admits half as many rows next time;
 a decode step that fails sends the most recently admitted half of the requests back to the queue with
 what they have generated (they resume by prefilling prompt + tokens: a row's text continues, its
@@ -29,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ...errors import AftError
-from ..base import Completion, OnText, Request, Result, Speculation, sample_seeds
+from ..base import CANCELLED, Completion, OnText, Request, Result, Speculation, sample_seeds
 from .batch import DecodeBatch, Row
 from .drafts import NgramIndex
 from .text import RowText
@@ -143,10 +147,11 @@ class Scheduler:
     def _iterate(self) -> None:
         """Admit what should join, one decode step for the batch, record and stream what it drew."""
         batch = self.batch
+        stopped = self._cancel()
         joining = self._admit()
         if joining is not None:
             batch.rebuild(joining)
-        elif batch.rows and 4 * (len(batch.rows) - batch.live) >= len(batch.rows):
+        elif batch.rows and (stopped or 4 * (len(batch.rows) - batch.live) >= len(batch.rows)):
             batch.rebuild()
         if not batch.rows:
             return
@@ -155,6 +160,29 @@ class Scheduler:
             self._record(batch.rows, batch.sample)
         if not batch.live:
             batch.rebuild()  # every row is done: the cache is freed now, not when the next call comes
+
+    def _cancel(self) -> bool:
+        """Drop the queued work of cancelled requests and stop their rows; answer them CANCELLED. True when
+        rows of the batch stopped (the batch is rebuilt without them before the next forward pass)."""
+        def cancelled(row: Row) -> bool:
+            return row.job.requests[row.request].cancelled
+
+        with self.cond:
+            gone = [w.rows[0] for w in self.queue if cancelled(w.rows[0])]
+            if gone:
+                self.queue = collections.deque(w for w in self.queue if not cancelled(w.rows[0]))
+        stopped = [r for r in self.batch.rows if not r.finish and cancelled(r)]
+        for row in stopped:
+            row.finish = "stop"
+        for row in gone + stopped:
+            job, i = row.job, row.request
+            if job.results[i] is None:
+                job.results[i] = Result.failed(CANCELLED, prompt_tokens=len(job.prompts[i]))
+                log.debug("call %d: request %d cancelled", job.id, i)
+        if gone or stopped:
+            with self.cond:
+                self.cond.notify_all()
+        return bool(stopped)
 
     def _record(self, rows: list[Row], draw) -> None:
         """Draw the rows' next tokens (`draw`), then stream their new text and complete the finished ones."""
