@@ -101,11 +101,11 @@ def test_kill_9_loses_only_queries_in_flight(tmp_path, tiny_model_dir, capsys):
 
 
 @pytest.fixture(scope="module")
-def other_tiny_model_dir(tmp_path_factory, tokenizer):
-    """A second tiny model (other random weights), as a folder."""
+def other_tiny_model_dir(tmp_path_factory, small_tokenizer):
+    """A second tiny model (other random weights), as a folder, with the small tokenizer as tiny_model_dir."""
     out = tmp_path_factory.mktemp("tiny-model-b")
-    tiny_llama(tokenizer, seed=1).save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    tiny_llama(small_tokenizer, seed=1).save_pretrained(out)
+    small_tokenizer.save_pretrained(out)
     return out
 
 

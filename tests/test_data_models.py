@@ -71,10 +71,10 @@ def test_on_policy_chat_model_verifier_best(tmp_path, tiny_engine):
     assert len(skipped) == 2 and all(len(x["candidates"]) == 3 for x in skipped)
 
 
-def test_on_policy_base_model_gets_demonstrations_prompt(tmp_path, tokenizer):
+def test_on_policy_base_model_gets_demonstrations_prompt(tmp_path, small_tokenizer):
     import copy
 
-    tok = copy.deepcopy(tokenizer)
+    tok = copy.deepcopy(small_tokenizer)
     tok.chat_template = None  # a base model
     eng = base_engine(tiny_llama(tok, seed=1), tok, display_name="tiny-base")
     assert not eng.has_chat_template
@@ -119,16 +119,16 @@ def test_teacher_on_policy_scored_target(tmp_path, tiny_engine):
 
 
 @pytest.fixture(scope="module")
-def reward_model_dir(tmp_path_factory, tokenizer):
+def reward_model_dir(tmp_path_factory, small_tokenizer):
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
     torch.manual_seed(3)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=len(small_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, num_labels=1,
-                      pad_token_id=tokenizer.pad_token_id)
+                      pad_token_id=small_tokenizer.pad_token_id)
     out = tmp_path_factory.mktemp("rm")
     LlamaForSequenceClassification(cfg).save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    small_tokenizer.save_pretrained(out)
     return out
 
 

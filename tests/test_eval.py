@@ -124,7 +124,7 @@ def test_reasoning_gym_task_is_the_held_out_split():
         load_task("arith1")
 
 
-def test_best_of_n_with_a_reward_model_picks_its_top_score(fake_engine, tokenizer, tmp_path):
+def test_best_of_n_with_a_reward_model_picks_its_top_score(fake_engine, small_tokenizer, tmp_path):
     """The fair best-of-N: a real (tiny, random) sequence-classification model scores the candidates."""
     import torch
     from transformers import LlamaConfig, LlamaForSequenceClassification
@@ -132,10 +132,11 @@ def test_best_of_n_with_a_reward_model_picks_its_top_score(fake_engine, tokenize
     from aft.data.scorers import RewardModelScorer
 
     torch.manual_seed(5)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, num_labels=1, pad_token_id=tokenizer.pad_token_id)
+    cfg = LlamaConfig(vocab_size=len(small_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, num_labels=1,
+                      pad_token_id=small_tokenizer.pad_token_id)
     LlamaForSequenceClassification(cfg).save_pretrained(tmp_path / "rm")
-    tokenizer.save_pretrained(tmp_path / "rm")
+    small_tokenizer.save_pretrained(tmp_path / "rm")
     scorer = RewardModelScorer.load(str(tmp_path / "rm"))
     task = Task("gsm", "gsm8k", f"gsm8k:{GSM}", load_gsm8k(GSM)[:3])
     recs = run_strategy(fake_engine, task, task.items, parse_strategy("best_of_n:n=3,scorer=reward_model"),

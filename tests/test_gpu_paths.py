@@ -113,14 +113,6 @@ def test_zero3_lora_checkpointing_is_reentrant_under_the_name_transformers_reads
 
 
 # ------------------------------------------------------------------ the one loader (items 6, 11, 16)
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, tokenizer):
-    d = tmp_path_factory.mktemp("tiny-load")
-    tiny_llama(tokenizer).save_pretrained(d)
-    tokenizer.save_pretrained(d)
-    return d
-
-
 def test_placement_by_device_and_sharding(monkeypatch):
     from aft.loading import local_rank, placement
 
@@ -163,22 +155,22 @@ def test_full_fine_tuning_keeps_fp32_master_weights():
     assert training_dtype("bfloat16", "cuda:0", use_peft=False) == torch.bfloat16  # asked for: given
 
 
-def test_full_fine_tuning_loads_fp32_and_lora_the_asked_dtype(tiny_dir):
+def test_full_fine_tuning_loads_fp32_and_lora_the_asked_dtype(tiny_model_dir):
     from aft.train import load_model
 
-    lm, _, _, _ = load_model(str(tiny_dir), "auto", use_peft=False)
+    lm, _, _, _ = load_model(str(tiny_model_dir), "auto", use_peft=False)
     assert {p.dtype for p in lm.parameters()} == {torch.float32}
-    lm, _, _, _ = load_model(str(tiny_dir), "bfloat16", use_peft=True)
+    lm, _, _, _ = load_model(str(tiny_model_dir), "bfloat16", use_peft=True)
     assert {p.dtype for p in lm.parameters()} == {torch.bfloat16}
 
 
-def test_one_loader_for_engine_scorer_and_training(tiny_dir, tmp_path):
+def test_one_loader_for_engine_scorer_and_training(tiny_model_dir, tmp_path):
     from peft import LoraConfig, get_peft_model
 
     from aft.engines.hf import HFEngine
     from aft.loading import load_pretrained
 
-    model, tok = load_pretrained(str(tiny_dir), dtype="float32", device="cpu")
+    model, tok = load_pretrained(str(tiny_model_dir), dtype="float32", device="cpu")
     assert next(model.parameters()).device.type == "cpu" and tok.eos_token_id is not None
     # An adapter is merged in on load: same logits as the PEFT model in memory.
     torch.manual_seed(1)
@@ -187,15 +179,16 @@ def test_one_loader_for_engine_scorer_and_training(tiny_dir, tmp_path):
     x = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
         want = peft(input_ids=x).logits
-        merged, _ = load_pretrained(str(tiny_dir), adapter=str(tmp_path / "adapter"), dtype="float32", device="cpu")
+        merged, _ = load_pretrained(str(tiny_model_dir), adapter=str(tmp_path / "adapter"), dtype="float32",
+                                    device="cpu")
         torch.testing.assert_close(merged(input_ids=x).logits, want, atol=1e-4, rtol=1e-4)
-    eng = HFEngine.load(str(tiny_dir), dtype="float32", device="cpu")
+    eng = HFEngine.load(str(tiny_model_dir), dtype="float32", device="cpu")
     assert eng.device.type == "cpu"
     with pytest.raises(AftError, match=r"^reward model '.*': cannot load as a sequence-classification model"):
         load_pretrained(str(tmp_path / "adapter"), task="sequence-classification", what="reward model", device="cpu")
 
 
-def test_merge_under_a_live_zero3_config_loads_on_this_process_alone(tiny_dir, tmp_path):
+def test_merge_under_a_live_zero3_config_loads_on_this_process_alone(tiny_model_dir, tmp_path):
     """After ZeRO-3 training the trainer's DeepSpeed config is still registered; rank 0 merges alone.
     With it live, from_pretrained would partition the base with zero.Init (a collective: a hang)."""
     from accelerate.utils.deepspeed import HfDeepSpeedConfig
@@ -208,12 +201,12 @@ def test_merge_under_a_live_zero3_config_loads_on_this_process_alone(tiny_dir, t
 
     adapter = tmp_path / "adapter"
     torch.manual_seed(2)
-    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_dir),
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
                    LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)).save_pretrained(adapter)
     from transformers import AutoTokenizer
 
-    AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(adapter)
-    (adapter / BASE_MARKER).write_text(str(tiny_dir) + "\n")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(adapter)
+    (adapter / BASE_MARKER).write_text(str(tiny_model_dir) + "\n")
     ds = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
     set_hf_deepspeed_config(ds)
     try:
