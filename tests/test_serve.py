@@ -98,12 +98,13 @@ def test_usage_chunk_and_done_line():
 
 @pytest.mark.parametrize("continuous", [True, False])
 def test_sixteen_concurrent_streams_all_complete(continuous):
-    engine = StreamingFake(continuous=continuous, delay=0.002)
+    engine = StreamingFake(continuous=continuous)
     with serving(engine) as srv:
         c = client(srv)
         expected = [c.chat.completions.create(model="m", messages=USER, seed=i).choices[0].message.content
                     for i in range(16)]
         engine.calls.clear()
+        engine.delay = 0.002  # the streams overlap: each word takes a while
 
         def stream(i):
             return "".join(ch.choices[0].delta.content or "" for ch in
@@ -426,12 +427,13 @@ def test_a_prompt_whose_aggregation_cannot_fit_is_refused_with_the_counts():
 
 def test_concurrent_pa_requests_share_engine_calls():
     """A non-continuous engine: P&A requests that arrive together run as one batch, layer by layer."""
-    engine = StreamingFake(continuous=False, first_delay=0.05)
+    engine = StreamingFake(continuous=False)
     with serving(engine, PA) as srv:
         c = client(srv)
         alone = [c.chat.completions.create(model="m", messages=USER, seed=i).choices[0].message.content
                  for i in range(6)]
         engine.calls.clear()
+        engine.first_delay = 0.05  # each engine call takes a while: the requests that arrive meanwhile wait together
         with ThreadPoolExecutor(6) as pool:
             together = list(pool.map(lambda i: c.chat.completions.create(model="m", messages=USER, seed=i)
                                      .choices[0].message.content, range(6)))
