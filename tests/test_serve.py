@@ -517,3 +517,32 @@ def test_a_client_that_leaves_frees_its_rows_at_once(tiny_engine, model, stream)
     assert 1 <= len(decode) < 200  # the work had started; far from the 1500 tokens asked for
     assert freed - left < 50  # the steps between the client leaving and its rows leaving
     assert [s for s in log if "prefill" in s] == [{"prefill": 2 if model == "m" else 1}]  # no aggregation
+
+
+# ---------------------------------------------------------------- lm-evaluation-harness
+@pytest.mark.slow  # six P&A requests: about 10 s on a loaded 2-core machine
+def test_lm_eval_local_chat_completions_gets_the_pa_answers(tiny_engine):
+    """lm-evaluation-harness's `local-chat-completions` model (its own HTTP client, aiohttp with num_concurrent > 1)
+    asks the server's P&A model the questions of examples/lm_eval/arith.jsonl, as `lm_eval --tasks aft_arith`
+    would: each answer is the one the openai SDK gets for the same request (lm-eval sends seed 1234,
+    temperature 0, its stop strings and max_gen_toks)."""
+    pytest.importorskip("aiohttp")
+    pytest.importorskip("tenacity")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.api_models import JsonChatStr
+    from lm_eval.models.openai_completions import LocalChatCompletion
+
+    rows = [json.loads(line) for line in (Path(__file__).parents[1] / "examples/lm_eval/arith.jsonl").open()][:3]
+    chats = [[{"role": "user", "content": r["question"]}] for r in rows]
+    gen = {"until": ["Question:"], "max_gen_toks": 8, "do_sample": False, "temperature": 0}
+    pa = PAConfig(n=2, num_aggregation=1, sampling=Sampling(max_tokens=8, temperature=1.0))
+    with serving(tiny_engine, pa, max_tokens=8) as srv:
+        lm = LocalChatCompletion(base_url=f"{srv.base_url}/chat/completions", model="m", num_concurrent=1,
+                                 max_retries=1, timeout=60)
+        got = lm.generate_until([Instance("generate_until", {}, (JsonChatStr(json.dumps(chat)), dict(gen)), k)
+                                 for k, chat in enumerate(chats)], disable_tqdm=True)
+        c = client(srv)
+        want = [c.chat.completions.create(model="m", messages=chat, seed=1234, temperature=0, max_tokens=8,
+                                          stop=["Question:"]).choices[0].message.content for chat in chats]
+        assert srv.metrics.count(model="m", status=200) == 2 * len(chats)
+    assert got == want and any(want)

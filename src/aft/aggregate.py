@@ -414,6 +414,8 @@ class PAEngine(Engine):
     usage() every layer of every run; error: the first failed run's (the
     traces of all runs are kept; then no completions). on_text streams the
     final layer only, possibly from several threads at once (pipelines).
+    A request's `cancel` event stops its runs (no further layer; the running
+    layer's inner requests carry the event): its Result's error ends with CANCELLED.
 
     `aggregator` writes the aggregations; `proposers` (default: the
     aggregator) the proposals. The engine is continuous when they all are.

@@ -116,7 +116,8 @@ def serve(cfg: ServeConfig) -> int:
     """`aft serve`: open the model (and the proposers), serve until SIGINT / SIGTERM, close them.
 
     Returns the number of engine calls still running when it stopped (their clients were answered or had
-    left; an engine call cannot be interrupted): the caller exits without waiting for them."""
+    left, which cancels their work; an engine that cannot be interrupted, vLLM's offline one, may still be
+    in one): the caller exits without waiting for them."""
     from ..models import resolve
 
     api_key = cfg.server_api_key or os.environ.get(API_KEY_ENV) or None
