@@ -19,8 +19,8 @@ sides run the same queries with the same seeds (the same texts, up to batching's
 For the server sides: wall seconds, generated tokens (usage.completion_tokens: every P&A layer),
 tokens/s = generated tokens / wall, time to first token (first content delta) and latency (request ->
 [DONE]) as p50 / p95. Then the ratios concurrent / offline (the issue's target: >= 0.8) and concurrent
-/ sequential. `--plain` asks for the single-pass model (NAME-plain) and runs `aft infer` with K=1 L=0
-(one plain pass); `--no-offline` skips `aft infer`. The sides run one after the other on one machine,
+/ sequential. `--plain` asks for the single-pass model (NAME-plain), with no offline side (`aft infer`
+always aggregates); `--no-offline` skips `aft infer`. The sides run one after the other on one machine,
 so other load on it weighs on each; run it on a quiet machine.
 """
 
@@ -84,8 +84,7 @@ def offline(args) -> dict:
         inp = Path(tmp) / "queries.jsonl"
         inp.write_text("".join(json.dumps({"id": q["id"], "messages": q["messages"]}) + "\n"
                                for q in queries(args.clients)))
-        k, l = (1, 0) if args.plain else (args.k, args.l)
-        cmd = [sys.executable, "-m", "aft", "infer", "--model", args.model, "-k", str(k), "-l", str(l),
+        cmd = [sys.executable, "-m", "aft", "infer", "--model", args.model, "-k", str(args.k), "-l", str(args.l),
                "--max_tokens", str(args.max_tokens), "--seed", str(INFER_SEED), "--batch_size", str(args.clients),
                "--input_file", str(inp), "--output_file", str(Path(tmp) / "out.jsonl"), *args.server_args]
         t0 = time.perf_counter()
@@ -157,7 +156,7 @@ def main() -> None:
     p.add_argument("server_args", nargs="*", help="more flags for both `aft serve` and `aft infer` (engine "
                    "options), after --")
     args = p.parse_args()
-    alone = offline(args) if args.offline else None
+    alone = offline(args) if args.offline and not args.plain else None
     port = free_port()
     proc = start_server(args, port)
     try:
