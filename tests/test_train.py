@@ -144,8 +144,6 @@ def test_adapter_reload_and_merge_match_in_memory(tiny_dir, tmp_path, tok):
 
 
 @pytest.mark.slow  # trains (TRL) twice
-
-@pytest.mark.slow  # trains (TRL) twice
 def test_training_from_an_adapter_folder_keeps_that_adapter(tiny_dir, tmp_path, tok):
     """`--model <adapter>` with LoRA trains that adapter further: the result, loaded as `aft infer` loads it,
     holds the first adapter's training too (it used to be merged, a new adapter trained on top, and only the
@@ -169,6 +167,8 @@ def test_training_from_an_adapter_folder_keeps_that_adapter(tiny_dir, tmp_path, 
     assert not torch.allclose(logits(str(tiny_dir)), want, atol=1e-4)  # the first adapter learned something
     torch.testing.assert_close(logits(str(second)), want, atol=1e-5, rtol=1e-5)
 
+
+@pytest.mark.slow  # trains (TRL) twice
 def test_resume_from_last_checkpoint(tiny_dir, tmp_path):
     out = tmp_path / "resume"
     kw = dict(save_steps=1, resume=True, per_device_train_batch_size=2)
