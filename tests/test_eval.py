@@ -219,7 +219,7 @@ def test_cache_shares_samples_between_strategies(fake_engine, tmp_path):
 # ------------------------------------------------------------ run and report
 def test_run_then_rebuild_report_from_cache_without_an_engine(fake_engine, tmp_path):
     from aft.cli import main
-    from aft.evaluate.report import table_rows, write_report
+    from aft.evaluate.report import table_rows
     from aft.evaluate.run import load_config, run_eval
 
     flags = {"out": str(tmp_path / "ev"), "model": "tiny", "tasks": [f"gsm8k:{GSM}"], "limit": 2, "max_tokens": 3,
@@ -235,7 +235,7 @@ def test_run_then_rebuild_report_from_cache_without_an_engine(fake_engine, tmp_p
     for f in ("report.md", "summary.json", "acc_vs_tokens-gsm8k-gsm8k_sample.png",
               "acc_vs_flops-gsm8k-gsm8k_sample.png", "width_depth-tiny-gsm8k-gsm8k_sample.png"):
         (out / f).unlink()
-    write_report(out, n_boot=200)  # no engine anywhere
+    assert main(["eval", "report", str(out), "--n_boot", "200"]) == 0  # no engine anywhere
     assert (out / "width_depth-tiny-gsm8k-gsm8k_sample.png").stat().st_size > 1000
     assert (out / "report.md").read_text().split("\n", 3)[3] == first.split("\n", 3)[3]  # same but the date line
     rows = {r["strategy"]: r for r in table_rows(out, n_boot=200)}
@@ -246,7 +246,6 @@ def test_run_then_rebuild_report_from_cache_without_an_engine(fake_engine, tmp_p
     assert abs(rows["pa-k2-l1"]["total_tokens"] * 2 - tokens - sum(
         json.loads(line)["usage"]["total_tokens"] for line in
         (out / "tiny" / "gsm8k-gsm8k_sample" / "pa-k2-l1.seed1.jsonl").open()) / 2) < 1e-9
-    assert main(["eval", "report", str(out)]) == 0
     # rerun: everything cached; a changed setting is refused instead of mixed in
     assert run_eval(load_config(None, flags), engine=fake_engine).answered == 0
     with pytest.raises(AftError, match="different max_tokens"):
