@@ -1,7 +1,7 @@
 """The transformers engine's continuous batching (src/aft/engines/hf/scheduler.py), streaming, and the
 fallback to plain `generate` for architectures the custom loop has not been checked on.
 
-Tiny random-init models in float32, greedy: the texts are compared exactly across schedules, which holds
+Tiny random-init models over the small tokenizer (1024 tokens, conftest.py) in float32, greedy: the texts are compared exactly across schedules, which holds
 in fp32 on these models (a row's logits differ across batch shapes only in the last bits; see
 test_batched_logits_agree_with_alone_up_to_rounding).
 """
@@ -47,8 +47,8 @@ def build(tokenizer, arch: str = "llama", seed: int = 0):
 
 
 @pytest.fixture(scope="module")
-def engine(tokenizer):
-    return HFEngine(build(tokenizer), tokenizer, display_name="tiny")
+def engine(small_tokenizer):
+    return HFEngine(build(small_tokenizer), small_tokenizer, display_name="tiny")
 
 
 def req(q: str, **sp) -> Request:
@@ -162,9 +162,9 @@ def test_a_cancelled_request_waiting_in_the_queue_is_dropped(engine):
     assert log[0] == {"prefill": 1}
 
 
-def test_padded_prefill_blocks_join_like_grouped_ones(tokenizer):
+def test_padded_prefill_blocks_join_like_grouped_ones(small_tokenizer):
     """The GPU's prefill (one left-padded batch: a block with a mask) gives the CPU's texts (grouped by length)."""
-    eng = HFEngine(build(tokenizer), tokenizer, display_name="tiny")
+    eng = HFEngine(build(small_tokenizer), small_tokenizer, display_name="tiny")
     requests = [req(q, max_tokens=16) for q in SHORT + LONG] + [req(SHORT[0], n=2, temperature=1.0, seed=2)]
     grouped = texts(eng.generate(requests))
     eng.group_prefill = False
@@ -208,10 +208,10 @@ def test_streamed_deltas_concatenate_to_the_final_texts_with_stop_strings_cut(en
     assert res[2].completions[0].text == text  # a stop prefix held back, then sent when it is not a stop
 
 
-def test_out_of_memory_on_a_decode_step_sends_rows_back_and_they_resume(tokenizer):
+def test_out_of_memory_on_a_decode_step_sends_rows_back_and_they_resume(small_tokenizer):
     """torch raises OutOfMemoryError only on a GPU; here the model raises it once on a decode step of more than
     4 rows. The newest half of the requests waits and resumes from its tokens: the same texts in the end."""
-    eng = HFEngine(build(tokenizer), tokenizer, display_name="tiny")
+    eng = HFEngine(build(small_tokenizer), small_tokenizer, display_name="tiny")
     requests = [req(q, n=2, max_tokens=10) for q in SHORT + LONG[:1]]
     ref = texts(eng.generate(requests))
     raised = []
@@ -232,8 +232,8 @@ def test_out_of_memory_on_a_decode_step_sends_rows_back_and_they_resume(tokenize
     assert decode[0] == 2 and max(decode) <= 4  # after the error: the oldest request alone, then fewer rows
 
 
-def test_out_of_memory_admits_fewer_rows_then_names_a_single_request(tokenizer):
-    eng = HFEngine(build(tokenizer), tokenizer, display_name="tiny")
+def test_out_of_memory_admits_fewer_rows_then_names_a_single_request(small_tokenizer):
+    eng = HFEngine(build(small_tokenizer), small_tokenizer, display_name="tiny")
 
     def small_gpu(module, args, kwargs):
         if kwargs["input_ids"].shape[0] > 4:
@@ -255,8 +255,8 @@ def test_out_of_memory_admits_fewer_rows_then_names_a_single_request(tokenizer):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_checked_architectures_take_the_custom_loop_and_equal_generate(tokenizer, arch):
-    eng = HFEngine(build(tokenizer, arch), tokenizer, display_name=arch)
+def test_checked_architectures_take_the_custom_loop_and_equal_generate(small_tokenizer, arch):
+    eng = HFEngine(build(small_tokenizer, arch), small_tokenizer, display_name=arch)
     assert eng.custom and eng.continuous
     requests = [req(q, max_tokens=16) for q in SHORT + LONG]
     res = eng.generate(requests)
@@ -275,9 +275,9 @@ def test_checked_architectures_take_the_custom_loop_and_equal_generate(tokenizer
         assert r.completions[0].text == eng.tok.decode(new, skip_special_tokens=True)
 
 
-def test_an_unchecked_architecture_falls_back_to_generate_with_one_log_line(tokenizer, caplog):
+def test_an_unchecked_architecture_falls_back_to_generate_with_one_log_line(small_tokenizer, caplog):
     with caplog.at_level(logging.INFO, logger="aft.engines.hf.engine"):
-        eng = HFEngine(build(tokenizer, "gpt2"), tokenizer, display_name="tiny-gpt2")
+        eng = HFEngine(build(small_tokenizer, "gpt2"), small_tokenizer, display_name="tiny-gpt2")
     assert [r.getMessage() for r in caplog.records] == [
         "tiny-gpt2: model type 'gpt2' is not checked with the engine's own decode loop; using transformers' generate"]
     assert not eng.custom and not eng.continuous
