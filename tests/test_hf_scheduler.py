@@ -1,9 +1,9 @@
 """The transformers engine's continuous batching (src/aft/engines/hf/scheduler.py), streaming, and the
 fallback to plain `generate` for architectures the custom loop has not been checked on.
 
-Tiny random-init models over the small tokenizer (1024 tokens, conftest.py) in float32, greedy: the texts are compared exactly across schedules, which holds
-in fp32 on these models (a row's logits differ across batch shapes only in the last bits; see
-test_batched_logits_agree_with_alone_up_to_rounding).
+Tiny random-init models over the small tokenizer (1024 tokens, conftest.py) in float32, greedy: the texts
+are compared exactly across schedules, which holds in fp32 on these models (a row's logits differ across batch
+shapes only in the last bits; see test_batched_logits_agree_with_alone_up_to_rounding).
 """
 
 from __future__ import annotations
