@@ -78,3 +78,16 @@ def test_eval_run_then_curves_cli(fake_engine, tmp_path, capsys):
     (pooled,) = json.loads((out / "curves-pooled.json").read_text())
     assert pooled["label"] == "arm" and pooled["models"] == ["arm-s97", "arm-s98"] and pooled["seeds"] == [0, 1]
     assert pooled["pass"][1][0] == pytest.approx(a["pass"][3][0])  # a and b drew the same (fake) samples
+    # paired differences from a reference: b's (arm-s98's) samples all made wrong, so b - a = -a on every pass@k
+    for path in (out / "arm-s98").rglob("bon-n8-oracle.seed*.jsonl"):
+        rows = [json.loads(line) for line in path.open()]
+        path.write_text("".join(json.dumps({**r, "candidates": [{**c, "score": 0.0} for c in r["candidates"]]})
+                                + "\n" for r in rows))
+    assert main(["eval", "curves", str(out), "--ks", "1", "8", "--n_boot", "50", "--reference", "arm-s97"]) == 0
+    a2, b2 = json.loads((out / "curves.json").read_text())
+    assert "vs_reference" not in a2 and b2["vs_reference"]["reference"] == "arm-s97"
+    assert [d[0] for d in b2["vs_reference"]["pass"]] == pytest.approx([-a2["pass"][0][0], -a2["pass"][1][0]])
+    assert b2["vs_reference"]["diversity"][0] == 0
+    assert "Paired differences from **arm-s97**" in (out / "curves.md").read_text()
+    assert main(["eval", "curves", str(out), "--reference", "nobody"]) == 2
+    assert "--reference nobody: no such model" in capsys.readouterr().err

@@ -88,6 +88,6 @@ $AFT eval report "$OUT/eval_pa" --title "P&A K=4 L=1, base-model aggregator, pro
 log "5/5 curves"
 ks=""; k=1; while [ "$k" -le "$NMAX" ]; do ks="$ks $k"; k=$(( k * 2 )); done
 $AFT eval curves "$OUT/eval" --ks $ks                 # per model
-$AFT eval curves "$OUT/eval" --ks $ks --pool_seeds    # per arm, training seeds pooled
+$AFT eval curves "$OUT/eval" --ks $ks --pool_seeds --reference rft   # per arm, training seeds pooled; paired with rft
 stamp curves
 log "done in $(( $(date +%s) - start )) s: $OUT/eval/curves-pooled.md, curves-pooled-add12.png, curves.md, $OUT/timing.txt"

@@ -58,6 +58,8 @@ def add_parser(sub) -> None:
     cv.add_argument("--pool_seeds", "--pool-seeds", action="store_true",
                     help="pool the models labelled <arm>-s<seed> into <arm> (intervals over training seeds and "
                          "questions); writes curves-pooled.*")
+    cv.add_argument("--reference", default=None, metavar="LABEL",
+                    help="also give every other model's paired differences from this one (e.g. the SFT arm)")
     cv.set_defaults(handler=curves_main)
 
     ex = esub.add_parser("export", help="write AlpacaEval or MT-Bench (FastChat) answer files",
@@ -111,7 +113,8 @@ def curves_main(args) -> int:
 
     if min(args.ks) < 1 or args.subsets < 1 or args.n_boot < 1:
         raise AftError("--ks, --subsets and --n_boot must be >= 1")
-    results = write_curves(args.out, tuple(sorted(set(args.ks))), args.subsets, args.n_boot, args.pool_seeds)
+    results = write_curves(args.out, tuple(sorted(set(args.ks))), args.subsets, args.n_boot, args.pool_seeds,
+                           args.reference)
     for r in results:
         pairs = ", ".join(f"k={k} {p[0]:.3f}/{m[0]:.3f}" for k, p, m in zip(r["k"], r["pass"], r["majority"]))
         print(f"  {r['task']:16s} {r['label']:16s} pass/majority: {pairs}; distinct answers {r['diversity'][0]:.2f} "

@@ -17,6 +17,11 @@ Writes <out>/curves.json, curves.md and curves-<task>.png. With pool_seeds, the 
 <arm>-s<seed> (one per training seed) are pooled into <arm>: the bootstrap then resamples training
 seeds (x run seeds) and questions, so the interval covers the training seed too
 (curves-pooled.json, .md, -<task>.png).
+
+With a reference model (`--reference LABEL`), each other model of the task also gets its paired differences
+from it, metric by metric and k by k, on the questions both answered (stats.paired_difference: seeds
+paired in order where both have as many, else the per-question means): "vs_reference" in the json, a
+table in the markdown.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import numpy as np
 from ..bon import all_wrong
 from ..errors import AftError
 from ..io import read_jsonl, write_json
-from .stats import bootstrap_ci
+from .stats import bootstrap_ci, paired_difference
 from .strategies import majority_pick
 from .tasks import answer_key
 
@@ -92,14 +97,15 @@ def sample_files(out: Path, pool_seeds: bool = False) -> dict[tuple[str, str], d
 
 
 def compute_curves(out: str | Path, ks: tuple[int, ...] = KS, subsets: int = 200, n_boot: int = 2000,
-                   pool_seeds: bool = False) -> list[dict]:
-    """One entry per (model label, task): the curves over ks with intervals, and the diversity."""
+                   pool_seeds: bool = False, reference: str | None = None) -> list[dict]:
+    """One entry per (model label, task): the curves over ks with intervals, and the diversity (and the paired
+    differences from `reference`)."""
     out = Path(out)
     files = sample_files(out, pool_seeds)
     if not files:
         raise AftError(f"{out}: no best-of-N samples (run `aft eval run --strategies best_of_n:n=32,scorer=verifier` "
                        f"first)")
-    results = []
+    results, cells_of = [], {}
     for (label, task), by_seed in sorted(files.items()):
         per_seed = []
         for seed, path in sorted(by_seed.items()):
@@ -121,13 +127,40 @@ def compute_curves(out: str | Path, ks: tuple[int, ...] = KS, subsets: int = 200
             entry[metric] = [bootstrap_ci([[q[metric][j] for q in s] for s in cells], n_boot) for j in range(len(use))]
         entry["diversity"] = bootstrap_ci([[q["diversity"] for q in s] for s in cells], n_boot)
         results.append(entry)
+        cells_of[label, task] = [dict(zip(ids, s)) for s in cells]
+    if reference is not None:
+        if reference not in {r["label"] for r in results}:
+            raise AftError(f"--reference {reference}: no such model in {out} (models: "
+                           f"{', '.join(sorted({r['label'] for r in results}))})")
+        for entry in results:
+            ref = cells_of.get((reference, entry["task"]))
+            if entry["label"] != reference and ref is not None:
+                entry["vs_reference"] = _paired(cells_of[entry["label"], entry["task"]], ref, entry["k"], n_boot)
+                entry["vs_reference"]["reference"] = reference
     return results
 
 
+def _paired(mine: list[dict], ref: list[dict], ks: list[int], n_boot: int) -> dict:
+    """Paired differences mine - ref per metric and k (the k both have), and of the diversity."""
+    ids = sorted(set.intersection(*(set(s) for s in mine + ref)))
+    k_ref = len(next(iter(ref[0].values()))["pass"])
+    use = list(range(min(len(ks), k_ref)))
+
+    def diff(get) -> tuple[float, float, float]:
+        return paired_difference([[get(s[q]) for q in ids] for s in mine], [[get(s[q]) for q in ids] for s in ref],
+                                 n_boot)
+
+    out = {"questions": len(ids), "k": [ks[j] for j in use]}
+    for metric in ("pass", "bon", "majority"):
+        out[metric] = [diff(lambda c, m=metric, j=j: c[m][j]) for j in use]
+    out["diversity"] = diff(lambda c: c["diversity"])
+    return out
+
+
 def write_curves(out: str | Path, ks: tuple[int, ...] = KS, subsets: int = 200, n_boot: int = 2000,
-                 pool_seeds: bool = False) -> list[dict]:
+                 pool_seeds: bool = False, reference: str | None = None) -> list[dict]:
     out = Path(out)
-    results = compute_curves(out, ks, subsets, n_boot, pool_seeds)
+    results = compute_curves(out, ks, subsets, n_boot, pool_seeds, reference)
     name = "curves-pooled" if pool_seeds else "curves"
     write_json(out / f"{name}.json", results)
     lines = ["# pass@k, BoN@k and majority@k", "",
@@ -149,6 +182,20 @@ def write_curves(out: str | Path, ks: tuple[int, ...] = KS, subsets: int = 200, 
             lines.append(f"| {r['label']} | {m:.2f} [{lo:.2f}, {hi:.2f}] of {r['n']} | {r['questions']} | "
                          f"{', '.join(map(str, r['seeds']))} (models: {', '.join(r['models'])}) |")
         lines.append("")
+        paired = [r for r in rows if "vs_reference" in r]
+        if paired:
+            d = paired[0]["vs_reference"]
+            lines += [f"Paired differences from **{d['reference']}** on the same questions (seeds paired where "
+                      "both have as many) [95% bootstrap interval]:", "",
+                      "| model | metric | " + " | ".join(f"k={k}" for k in d["k"]) + " | distinct answers |",
+                      "|---|---|" + "---|" * (len(d["k"]) + 1)]
+            for r in paired:
+                v = r["vs_reference"]
+                for metric in ("pass", "majority"):
+                    vals = " | ".join(f"{m:+.3f} [{lo:+.3f}, {hi:+.3f}]" for m, lo, hi in v[metric])
+                    div = "{:+.2f} [{:+.2f}, {:+.2f}]".format(*v["diversity"]) if metric == "pass" else ""
+                    lines.append(f"| {r['label']} | {metric}@k | {vals} | {div} |")
+            lines.append("")
         plot_curves(rows, out / f"{name}-{task}.png", task)
     (out / f"{name}.md").write_text("\n".join(lines))
     return results
