@@ -68,3 +68,9 @@ def test_report_groups_training_seeds_and_pairs_arms_with_sft_greedy(tmp_path):
     assert f"{(12 + 14 - 10 - 8) / (2 * q):+.3f}" in line  # paired with SFT greedy
     base = next(ln for ln in text.splitlines() if ln.startswith("| base | greedy | - |"))
     assert f"{5 / q - 18 / (2 * q):+.3f}" in base
+    # --reference naming an arm: every arm paired with that arm's same strategy
+    write_report(tmp_path, n_boot=200, reference="aft")
+    text = (tmp_path / "report.md").read_text()
+    assert "minus aft, same strategy" in text
+    line = next(ln for ln in text.splitlines() if ln.startswith("| sft | greedy | 1, 2 |"))
+    assert f"{(10 + 8 - 12 - 14) / (2 * q):+.3f}" in line

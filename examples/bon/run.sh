@@ -83,7 +83,7 @@ for label in $labels; do
     --strategies "pa:k=4,l=1" --limit "$N_PA" $SPLIT
   stamp "pa-$label"
 done
-$AFT eval report "$OUT/eval_pa" --title "P&A K=4 L=1, base-model aggregator, proposals from each arm"
+$AFT eval report "$OUT/eval_pa" --reference rft --title "P&A K=4 L=1, base-model aggregator, proposals from each arm"
 
 log "5/5 curves"
 ks=""; k=1; while [ "$k" -le "$NMAX" ]; do ks="$ks $k"; k=$(( k * 2 )); done

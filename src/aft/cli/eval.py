@@ -33,7 +33,8 @@ def add_parser(sub) -> None:
     rep.add_argument("--n_boot", "--n-boot", type=int, default=2000, help="bootstrap replicates (default: 2000)")
     rep.add_argument("--title", default="Evaluation report", help="the report's title")
     rep.add_argument("--reference", help="the label the other models are compared with (default: the untrained "
-                                         "model, i.e. the first whose --model is not an `aft train` output)")
+                                         "model, i.e. the first whose --model is not an `aft train` output); or an "
+                                         "arm of labels <arm>-s<seed>: each arm is paired with its same strategy")
     rep.set_defaults(handler=report_main)
 
     rs = esub.add_parser("rescore", help="check cached answers again with the current verifier (no model), "

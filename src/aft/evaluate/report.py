@@ -156,27 +156,30 @@ def _stack(rows: list[dict]) -> tuple[list[str], list[list[float]]]:
     return common, stacked
 
 
-def _arms_section(trows: list[dict], n_boot: int) -> list[str]:
+def _arms_section(trows: list[dict], n_boot: int, arm_ref: str | None = None) -> list[str]:
     """Each arm over its training seeds: accuracy with a bootstrap over training seeds and questions, and the
-    paired difference of each arm and strategy from SFT greedy (the baseline the paper's claim is about)."""
+    paired difference of each arm and strategy from SFT greedy (the baseline the paper's claim is about), or,
+    with `arm_ref`, from that arm's same strategy."""
     groups = arms(trows)
     if not groups:
         return []
     from .stats import bootstrap_ci, paired_difference
 
+    what = "SFT greedy" if arm_ref is None else f"{arm_ref}, same strategy"
     lines = ["Across training seeds (labels <arm>-s<seed>): accuracy [95% bootstrap interval resampling training "
-             "seeds and questions]; paired difference from SFT greedy on the same questions:", "",
-             "| arm | strategy | training seeds | accuracy [95% CI] | no answer | minus SFT greedy [95% CI] |",
+             f"seeds and questions]; paired difference from {what} on the same questions:", "",
+             f"| arm | strategy | training seeds | accuracy [95% CI] | no answer | minus {what} [95% CI] |",
              "|---|---|---|---|---|---|"]
-    base = groups.get(("sft", "greedy"))
-    base_ids, base_scores = _stack(base) if base else (None, None)
     for (arm, strategy), rows in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[1][0]["total_tokens"])):
         ids, scores = _stack(rows)
         mean, lo, hi = bootstrap_ci(scores, n_boot=n_boot)
         seeds = [(_ARM.match(r["label"]) or {"seed": "-"})["seed"] for r in rows]
         na = [r["no_answer"] for r in rows if r.get("no_answer") is not None]
         diff = "-"
-        if base and (arm, strategy) != ("sft", "greedy"):
+        key = ("sft", "greedy") if arm_ref is None else (arm_ref, strategy)
+        base = groups.get(key)
+        if base and (arm, strategy) != key:
+            base_ids, base_scores = _stack(base)
             common = sorted(set(ids) & set(base_ids))
             a = [[row[ids.index(q)] for q in common] for row in scores]
             b = [[row[base_ids.index(q)] for q in common] for row in base_scores]
@@ -207,7 +210,9 @@ def reference_label(found: dict, labels: list[str]) -> str:
 def write_report(out: str | Path, n_boot: int = 2000, title: str = "Evaluation report",
                  reference: str | None = None) -> Path:
     """report.md, plots and summary.json from the cached records; other models are compared with `reference`
-    (a label; default: the untrained model, see reference_label)."""
+    (a label; default: the untrained model, see reference_label). `reference` may also name an arm (labels
+    <arm>-s<seed>): then each arm and strategy is paired with that arm's same strategy across training seeds,
+    and the models with the default reference."""
     out = Path(out)
     found = load_records(out)
     rows = summarize(found, n_boot)
@@ -215,6 +220,10 @@ def write_report(out: str | Path, n_boot: int = 2000, title: str = "Evaluation r
         raise AftError(f"{out}: records found but no question answered under every seed yet")
     tasks = sorted({r["task"] for r in rows})
     labels = list(dict.fromkeys(r["label"] for r in rows))
+    arm_ref = reference if reference and reference not in labels and any(
+        (m := _ARM.match(lb)) and m["arm"] == reference for lb in labels) else None
+    if arm_ref:
+        reference = None
     ref = reference or reference_label(found, labels)
     if ref not in labels:
         raise AftError(f"{out}: no model labelled {ref!r} to compare with (labels: {', '.join(labels)})")
@@ -257,7 +266,7 @@ def write_report(out: str | Path, n_boot: int = 2000, title: str = "Evaluation r
                 f"{'-' if r['no_answer'] is None else format(r['no_answer'], '.0%')} |")
         lines.append("")
         lines += _diagnostics_section(trows)
-        lines += _arms_section(trows, n_boot)
+        lines += _arms_section(trows, n_boot, arm_ref)
         lines += _paired_section(trows, labels)
         for kind, fname in (("tokens", f"acc_vs_tokens-{task}.png"), ("flops", f"acc_vs_flops-{task}.png")):
             if _plot_compute(trows, out / fname, kind, task):
