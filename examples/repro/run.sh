@@ -37,7 +37,7 @@ else
   SEEDS=${SEEDS:-"1 2 3"}; SWEEP=${SWEEP:-1}; PERPLEXITY=${PERPLEXITY:-1}
 fi
 LR=${LR:-3e-4}
-SWEEP_ARM=${SWEEP_ARM:-aft}  # the arm whose first seed gets the width x depth sweep
+SWEEP_ARM=${SWEEP_ARM:-best}  # the arm whose first seed gets the width x depth sweep (best: highest P&A K=4 L=1)
 BATCH=4                     # rows per optimizer step; STEPS x BATCH rows seen by every arm
 ARMS=${ARMS:-"sft aft mix pseudo"}
 AFT="python -m aft"
@@ -90,6 +90,19 @@ for label in $labels; do
 done
 if [ "$SWEEP" = 1 ]; then
   first=${SEEDS%% *}
+  if [ "$SWEEP_ARM" = best ]; then  # the trained arm whose P&A K=4 L=1, over its training seeds, scored highest
+    $AFT eval report "$OUT/eval" > /dev/null
+    SWEEP_ARM=$(python - "$OUT/eval/summary.json" <<'PY'
+import json, re, statistics, sys
+by_arm = {}
+for r in json.load(open(sys.argv[1])):
+    m = re.fullmatch(r"(.+)-s\d+", r["label"])
+    if m and r["strategy"] == "pa-k4-l1":
+        by_arm.setdefault(m[1], []).append(r["accuracy"])
+print(max(by_arm, key=lambda arm: statistics.mean(by_arm[arm])))
+PY
+)
+  fi
   log "   width x depth sweep of $SWEEP_ARM-s$first (K 1,2,4,8 x L 0,1,2; 50 questions)"
   $AFT eval run --config configs/eval_fair.yaml --out "$OUT/eval" --model "$OUT/$SWEEP_ARM-s$first" \
     --label "$SWEEP_ARM-sweep" \
