@@ -289,3 +289,36 @@ def test_an_unchecked_architecture_falls_back_to_generate_with_one_log_line(smal
     assert sorted(streamed) == sorted((i, j, c.text) for i, r in enumerate(res) for j, c in enumerate(r.completions))
     again = eng.generate([req(SHORT[0], n=2, temperature=1.0, seed=1, max_tokens=8)])
     assert texts(again) == texts(res[1:])  # a sample's text follows its seed
+
+
+def test_pa_pipelines_step_in_lockstep_whatever_the_thread_timing(engine):
+    """P&A runs each query as its own pipeline (thread); with the engine in lockstep with them, the rows of
+    every forward pass follow from the work alone. Random sleeps in the pipelines between their calls must
+    not change the sequence of forward passes (their shapes and each row's position), so neither can they
+    change a text, in any dtype."""
+    import random
+
+    from aft.aggregate import PAConfig, propose_and_aggregate
+    from aft.sampling import Sampling
+
+    cfg = PAConfig(n=2, num_aggregation=1, sampling=Sampling(max_tokens=10), seed=7)
+    queries = [(f"q{i}", [{"role": "user", "content": f"Question {i}: {'why ' * (i % 3)}?"}]) for i in range(6)]
+    calls: list[tuple] = []
+
+    def record(module, args, kwargs):
+        ids, pos = kwargs["input_ids"], kwargs.get("position_ids")
+        calls.append((tuple(ids.shape), None if pos is None else tuple(pos[:, 0].tolist())))
+
+    def jitter(layer, seconds, tokens):  # called in the pipelines' threads, between two engine calls
+        time.sleep(random.random() * 0.02)
+
+    runs = []
+    handle = engine.lm.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        for _ in range(3):
+            calls.clear()
+            out = propose_and_aggregate(engine, queries, cfg, on_layer=jitter)
+            runs.append((list(calls), [r.response for r in out]))
+    finally:
+        handle.remove()
+    assert len(runs[0][0]) > 10 and all(r == runs[0] for r in runs[1:])

@@ -31,12 +31,13 @@ resuming and progress around it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import secrets
 import threading
 import time
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from .engines.base import (CANCELLED, Completion, Engine, OnText, Request, Result, SamplingParams, check_fits,
@@ -272,7 +273,10 @@ def propose_and_aggregate(engine: Engine, queries: list, cfg: PAConfig, on_layer
                 return
 
     if all(e.continuous for e in [engine, *proposers]) and len(states) > 1:
-        _in_pipelines(run, states, max_pipelines)
+        # one engine: its steps in lockstep with the pipelines, so the texts do not depend on thread timing
+        # (several engines cannot: a pipeline waiting in one would hold up the other's steps, and back)
+        lockstep = engine.lockstep if all(e is engine for e in proposers) else None
+        _in_pipelines(run, states, max_pipelines, lockstep)
     else:
         run(states)
     for s in states:
@@ -281,19 +285,41 @@ def propose_and_aggregate(engine: Engine, queries: list, cfg: PAConfig, on_layer
     return [s.result for s in states]
 
 
-def _in_pipelines(run, states: list[_State], max_pipelines: int) -> None:
-    """Run each query's pipeline on its own thread; the first exception stops the others (before their
-    next layer) and is raised."""
+def _in_pipelines(run, states: list[_State], max_pipelines: int, lockstep=None) -> None:
+    """Run each query's pipeline: at most `max_pipelines` threads, each taking the next query when its
+    last is done, as clients of `lockstep(threads)` where the engine offers it (Engine.lockstep). The
+    first exception stops the others (before their next layer) and is raised."""
     stop = threading.Event()
-    with ThreadPoolExecutor(max(1, min(len(states), max_pipelines)), thread_name_prefix="aft-pa") as pool:
-        futures = [pool.submit(run, [s], stop) for s in states]
-        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-        failed = [f for f in done if f.exception() is not None]
-        if failed:
-            stop.set()
-            for f in futures:
-                f.cancel()
-            raise failed[0].exception()
+    todo, take = iter(states), threading.Lock()
+    errors: list[BaseException] = []
+    n = max(1, min(len(states), max_pipelines))
+    gate = lockstep(n) if lockstep is not None else None
+
+    def worker() -> None:
+        with gate.client() if gate is not None else contextlib.nullcontext():
+            while not stop.is_set():
+                with take:
+                    state = next(todo, None)
+                if state is None:
+                    return
+                try:
+                    run([state], stop)
+                except BaseException as e:
+                    errors.append(e)
+                    stop.set()
+                    return
+
+    threads = [threading.Thread(target=worker, name=f"aft-pa-{i}", daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    try:
+        for t in threads:
+            t.join()
+    except BaseException:  # e.g. Ctrl-C: the pipelines stop before their next layer
+        stop.set()
+        raise
+    if errors:
+        raise errors[0]
 
 
 @dataclass

@@ -153,6 +153,13 @@ class Engine:
     def describe(self) -> dict:
         return {"engine": self.name, "model": self.model, "context_window": self.context_window}
 
+    def lockstep(self, clients: int):
+        """For `clients` threads that call `generate` again and again (P&A pipelines): an object whose
+        `client()` each of them runs inside, under which the engine steps only when none of them is between
+        two calls, so what shares each step follows from the work alone, not from thread timing. None: this
+        engine does not need or offer it."""
+        return None
+
     def close(self) -> None:
         pass
 

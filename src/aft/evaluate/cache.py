@@ -146,6 +146,9 @@ class CachedEngine(Engine):
     def num_parameters(self) -> int | None:
         return self.inner.num_parameters()
 
+    def lockstep(self, clients: int):
+        return self.inner.lockstep(clients)
+
     def describe(self) -> dict:
         return {**self.inner.describe(), "cache": str(self.path)}
 

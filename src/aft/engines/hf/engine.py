@@ -107,6 +107,9 @@ class HFEngine(Engine):
         return sum(p.numel() for p in {id(p): p for p in self.lm.parameters()}.values())
 
     # -------------------------------------------------------------- generation
+    def lockstep(self, clients: int):
+        return self.scheduler.lockstep(clients) if self.custom else None
+
     def generate(self, requests: list[Request], on_text: OnText | None = None) -> list[Result]:
         """Answer the requests; `on_text(request_index, completion_index, delta)` gets each completion's text
         as it is generated. May be called from several threads at once: their rows decode together. `on_text`

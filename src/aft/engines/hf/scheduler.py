@@ -12,6 +12,13 @@ of the rows are done (the batch is rebuilt to drop them anyway), a quarter of `m
 `MAX_WAIT_STEPS` steps (a full batch does not rebuild for every few rows that leave). Admission is in queue order while the rows fit
 `max_batch_rows` and (on a GPU) the memory estimate fits the budget.
 
+Lockstep (`Scheduler.lockstep`, for P&A pipelines, aggregate.py): threads that will call again and again
+register as clients; the loop then steps only when none of them is between two calls (each is waiting in
+a call, or gone), and admits queued requests in an order fixed by their content (queued at step, prompt,
+seed), not by which thread came first. So the rows of every step, and with them each text, follow from the
+work alone: the same command gives the same texts however the threads are timed. Without clients (the
+server's requests) a request joins at the first step after it arrives.
+
 Cancellation (`Request.cancel`, engines/base.py): before each step the loop drops the queued work of
 cancelled requests and stops their rows in the batch, which is rebuilt without them before the forward
 pass; their calls get `Result.failed(CANCELLED)` for them and return (once their other requests are done).
@@ -25,6 +32,7 @@ uniform stream too). A single request that fails alone fails its call with a one
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import logging
 import threading
@@ -61,6 +69,26 @@ class Job:
         return self.error is not None or all(r is not None for r in self.results)
 
 
+class Lockstep:
+    """`clients` threads that call the engine again and again; each runs inside `client()` (see the module's
+    docstring). A client counts as between calls from the start until it calls, and from each return until
+    its next call or its `client()` exits."""
+
+    def __init__(self, scheduler: Scheduler, clients: int):
+        self.scheduler = scheduler
+        scheduler._move(+clients)
+
+    @contextlib.contextmanager
+    def client(self):
+        s = self.scheduler
+        s.local.client = True
+        try:
+            yield
+        finally:
+            s.local.client = False
+            s._move(-1)
+
+
 @dataclass
 class Waiting:
     """Queued work: a request's rows not started yet, or rows sent back by an out-of-memory step (they
@@ -85,6 +113,16 @@ class Scheduler:
         self.steps = 0
         self.row_cap: int | None = None  # after an out-of-memory error: fewer rows, until the loop is idle
         self.ids = itertools.count()
+        self.outside = 0  # lockstep clients between two calls: the loop waits for them (see the docstring)
+        self.local = threading.local()  # .client: this thread is a lockstep client
+
+    def lockstep(self, clients: int) -> Lockstep:
+        return Lockstep(self, clients)
+
+    def _move(self, outside: int) -> None:
+        with self.cond:
+            self.outside += outside
+            self.cond.notify_all()
 
     def _empty(self) -> DecodeBatch:
         e = self.eng
@@ -93,7 +131,17 @@ class Scheduler:
     # ------------------------------------------------------------------ calls
     def run(self, job: Job) -> None:
         """Queue the job's requests, drive the loop while no one else does, return when the job is done."""
+        client = getattr(self.local, "client", False)
         self._enqueue(job)
+        if client:
+            self._move(-1)  # in a call now: the loop need not wait for this thread
+        try:
+            self._run(job)
+        finally:
+            if client:
+                self._move(+1)
+
+    def _run(self, job: Job) -> None:
         with self.cond:
             while not job.done and self.driving:
                 self.cond.wait()
@@ -102,6 +150,9 @@ class Scheduler:
             self.driving = True
         try:
             while not job.done:
+                with self.cond:
+                    while self.outside > 0:  # lockstep clients still to call: their requests join this step
+                        self.cond.wait()
                 if not self.batch.rows and not self.queue:
                     raise RuntimeError("the decode loop is idle with requests unanswered")
                 self._iterate()
@@ -246,6 +297,9 @@ class Scheduler:
         with self.cond:
             if not self.queue:
                 return None
+            # by content, not arrival: requests queued at the same step by different threads join in one order
+            self.queue = collections.deque(sorted(self.queue, key=lambda w: (w.since, len(w.ids), w.ids,
+                                                                             w.rows[0].seed or 0)))
             live = batch.live
             cap = e.max_batch_rows if self.row_cap is None else self.row_cap
             if batch.rows and not (4 * (len(batch.rows) - live) >= len(batch.rows) or 4 * (cap - live) >= cap
