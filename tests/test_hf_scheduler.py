@@ -60,21 +60,13 @@ def texts(results) -> list[list[str]]:
     return [[c.text for c in r.completions] for r in results]
 
 
-def test_a_call_joining_a_running_batch_gets_the_texts_it_gets_alone(engine):
-    """Call A decodes; call B (one prompt longer than A's batch, one shorter) joins it after a few steps:
-    some decode steps carry rows of both calls, and each call's texts are the ones it gets alone."""
-    a_reqs = [req(q, max_tokens=40) for q in SHORT] + [req(SHORT[0], n=2, temperature=1.0, seed=3, max_tokens=40)]
-    b_reqs = [req(q, max_tokens=12) for q in LONG]
-    alone_a, alone_b = engine.generate(a_reqs), engine.generate(b_reqs)
-    started = threading.Event()
+def a_then_b(engine, a_reqs, on_a, b_reqs, b_go: threading.Event) -> tuple[dict, list, float]:
+    """Call A here (streaming to `on_a`) and call B in another thread once `b_go` is set: their results
+    ({"a": ..., "b": ...}), the engine's step log over both, and when A returned."""
     got: dict[str, list] = {}
 
-    def on_a(i, j, delta):
-        if engine.step_log and sum(1 for s in engine.step_log if "prefill" not in s) >= 3:
-            started.set()
-
     def call_b():
-        started.wait(60)
+        b_go.wait(60)
         got["b"] = engine.generate(b_reqs)
 
     engine.step_log = []
@@ -82,11 +74,29 @@ def test_a_call_joining_a_running_batch_gets_the_texts_it_gets_alone(engine):
         b = threading.Thread(target=call_b)
         b.start()
         got["a"] = engine.generate(a_reqs, on_text=on_a)
+        returned = time.monotonic()
         b.join(60)
         log = engine.step_log
     finally:
         engine.step_log = None
-    assert started.is_set() and not b.is_alive()
+    assert not b.is_alive()
+    return got, log, returned
+
+
+def test_a_call_joining_a_running_batch_gets_the_texts_it_gets_alone(engine):
+    """Call A decodes; call B (one prompt longer than A's batch, one shorter) joins it after a few steps:
+    some decode steps carry rows of both calls, and each call's texts are the ones it gets alone."""
+    a_reqs = [req(q, max_tokens=40) for q in SHORT] + [req(SHORT[0], n=2, temperature=1.0, seed=3, max_tokens=40)]
+    b_reqs = [req(q, max_tokens=12) for q in LONG]
+    alone_a, alone_b = engine.generate(a_reqs), engine.generate(b_reqs)
+    started = threading.Event()
+
+    def on_a(i, j, delta):
+        if engine.step_log and sum(1 for s in engine.step_log if "prefill" not in s) >= 3:
+            started.set()
+
+    got, log, _ = a_then_b(engine, a_reqs, on_a, b_reqs, started)
+    assert started.is_set()
     mixed = [s for s in log if "prefill" not in s and len(s) == 2]
     assert mixed and max(sum(s.values()) for s in mixed) == 6  # A's 4 rows and B's 2 in one forward pass
     assert log[0] == {"prefill": 4} and {"prefill": 2} in log[1:]  # B's rows joined A's running batch
@@ -110,7 +120,6 @@ def test_a_cancelled_call_leaves_the_batch_at_once_and_the_others_go_on(engine):
                                                               req(SHORT[1], n=2, temperature=1.0, seed=1,
                                                                   max_tokens=500))]
     b_started, at = threading.Event(), []
-    got: dict[str, list] = {}
 
     def decode_steps():
         return [s for s in engine.step_log if "prefill" not in s]
@@ -123,21 +132,8 @@ def test_a_cancelled_call_leaves_the_batch_at_once_and_the_others_go_on(engine):
             at.append((len(engine.step_log), time.monotonic()))  # A's 3 rows and B's 2 in the last pass
             cancel.set()
 
-    def call_b():
-        b_started.wait(60)
-        got["b"] = engine.generate(b_reqs)
-
-    engine.step_log = []
-    try:
-        b = threading.Thread(target=call_b)
-        b.start()
-        got["a"] = engine.generate(a_reqs, on_text=on_a)
-        returned = time.monotonic()
-        b.join(60)
-        log = engine.step_log
-    finally:
-        engine.step_log = None
-    assert at and not b.is_alive()
+    got, log, returned = a_then_b(engine, a_reqs, on_a, b_reqs, b_started)
+    assert at
     a_id = next(iter(log[1]))  # the first decode step: A's alone
     assert [r.error for r in got["a"]] == [CANCELLED, CANCELLED] and all(not r.completions for r in got["a"])
     assert returned - at[0][1] < 2.0  # (a decode step of this model takes milliseconds; the machine is loaded)
