@@ -287,17 +287,18 @@ def test_an_unchecked_architecture_falls_back_to_generate_with_one_log_line(smal
     assert texts(again) == texts(res[1:])  # a sample's text follows its seed
 
 
-def test_pa_pipelines_step_in_lockstep_whatever_the_thread_timing(engine):
+def test_pa_pipelines_step_in_lockstep_whatever_the_thread_timing(engine, monkeypatch):
     """P&A runs each query as its own pipeline (thread); with the engine in lockstep with them, the rows of
-    every forward pass follow from the work alone. Random sleeps in the pipelines between their calls must
-    not change the sequence of forward passes (their shapes and each row's position), so neither can they
-    change a text, in any dtype."""
+    every forward pass follow from the work alone. Random sleeps in the pipelines between their calls, and
+    in a caller's thread as its call returns (a thread slow to wake up), must not change the sequence of
+    forward passes (their shapes and each row's position), so neither can they change a text, in any dtype."""
     import random
 
     from aft.aggregate import PAConfig, propose_and_aggregate
     from aft.sampling import Sampling
 
-    cfg = PAConfig(n=2, num_aggregation=1, sampling=Sampling(max_tokens=10), seed=7)
+    # a stop string ends rows at different steps: calls finish while others decode, and pipelines rejoin
+    cfg = PAConfig(n=2, num_aggregation=1, sampling=Sampling(max_tokens=16, stop=("e",)), seed=7)
     queries = [(f"q{i}", [{"role": "user", "content": f"Question {i}: {'why ' * (i % 3)}?"}]) for i in range(6)]
     calls: list[tuple] = []
 
@@ -305,8 +306,16 @@ def test_pa_pipelines_step_in_lockstep_whatever_the_thread_timing(engine):
         ids, pos = kwargs["input_ids"], kwargs.get("position_ids")
         calls.append((tuple(ids.shape), None if pos is None else tuple(pos[:, 0].tolist())))
 
-    def jitter(layer, seconds, tokens):  # called in the pipelines' threads, between two engine calls
+    def jitter(layer=None, seconds=None, tokens=None):  # on_layer: in the pipelines' threads, between calls
         time.sleep(random.random() * 0.02)
+
+    run = engine.scheduler._run
+
+    def slow_return(job):  # the call is done; its thread gets back to its caller late
+        run(job)
+        jitter()
+
+    monkeypatch.setattr(engine.scheduler, "_run", slow_return)
 
     runs = []
     handle = engine.lm.register_forward_pre_hook(record, with_kwargs=True)

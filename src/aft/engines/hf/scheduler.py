@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 MAX_WAIT_STEPS = 16  # decode steps a queued request waits at most for rows to leave before it joins anyway
 
 
-@dataclass
+@dataclass(eq=False)  # hashed by identity (Scheduler.inside)
 class Job:
     """One `generate` call: its requests, their results as they complete, its streaming callback."""
 
@@ -114,6 +114,7 @@ class Scheduler:
         self.row_cap: int | None = None  # after an out-of-memory error: fewer rows, until the loop is idle
         self.ids = itertools.count()
         self.outside = 0  # lockstep clients between two calls: the loop waits for them (see the docstring)
+        self.inside: set[Job] = set()  # lockstep clients' calls not done yet (or done, not counted back yet)
         self.local = threading.local()  # .client: this thread is a lockstep client
 
     def lockstep(self, clients: int) -> Lockstep:
@@ -134,12 +135,16 @@ class Scheduler:
         client = getattr(self.local, "client", False)
         self._enqueue(job)
         if client:
-            self._move(-1)  # in a call now: the loop need not wait for this thread
+            with self.cond:  # in a call now: the loop need not wait for this thread until the call is done
+                self.outside -= 1
+                self.inside.add(job)
+                self.cond.notify_all()
         try:
             self._run(job)
         finally:
             if client:
-                self._move(+1)
+                with self.cond:
+                    self._count_back(job)
 
     def _run(self, job: Job) -> None:
         with self.cond:
@@ -151,6 +156,8 @@ class Scheduler:
         try:
             while not job.done:
                 with self.cond:
+                    for j in [j for j in self.inside if j.done]:  # their threads will call again
+                        self._count_back(j)
                     while self.outside > 0:  # lockstep clients still to call: their requests join this step
                         self.cond.wait()
                 if not self.batch.rows and not self.queue:
@@ -161,11 +168,22 @@ class Scheduler:
             raise
         finally:
             with self.cond:
+                for j in [j for j in self.inside if j.done]:  # before another caller drives: see above
+                    self._count_back(j)
                 self.driving = False
                 if not self.queue and not self.batch.rows:
                     self.row_cap = None
                 self.cond.notify_all()
         self._raise(job)
+
+    def _count_back(self, job: Job) -> None:
+        """A lockstep client's call is done: its thread is between calls from now (under self.cond). Counted
+        by the driving thread as soon as the call is done, before the next step or hand-over, not when the
+        caller's thread gets round to it: so when the next step starts does not depend on thread timing."""
+        if job in self.inside:
+            self.inside.discard(job)
+            self.outside += 1
+            self.cond.notify_all()
 
     def _raise(self, job: Job) -> None:
         if job.error is not None:
