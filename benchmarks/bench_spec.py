@@ -1,7 +1,11 @@
 """Speculative aggregation: the aggregation layer with and without prompt-lookup speculation, side by side.
 
     python benchmarks/bench_spec.py [--model smollm2-135m] [--dtype bfloat16] [--tokens 128] [--spec_tokens 8]
-                                    [--queries 8] [--repeats 2] [--greedy]
+                                    [--queries 8] [--repeats 2] [--greedy] [--questions FILE]
+
+--model takes what `aft infer` takes locally (an adapter folder of `aft train` too); --questions an input
+JSONL as `aft infer --input_file` reads it (default: bench_infer.py's 8 questions), e.g. questions of the
+task an AFT adapter was trained on.
 
 The proposals (K=4 per query, bench_infer.py's questions, T 0.7, top-p 0.95) are generated once; then
 the aggregation layer (one request per query, n=1, T 0.7 top-p 1.0 as P&A's final layer, or greedy
@@ -20,6 +24,7 @@ from bench_infer import K, QUESTIONS, queries
 
 from aft.engines.base import Request, SamplingParams
 from aft.engines.hf import HFEngine
+from aft.io import parse_query, read_jsonl
 from aft.models import resolve
 from aft.prompts import aggregator_messages, proposer_messages
 
@@ -33,10 +38,15 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=len(QUESTIONS))
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--greedy", action="store_true")
+    ap.add_argument("--questions", default=None, help="input JSONL as aft infer reads it (default: bench_infer's)")
     args = ap.parse_args()
-    plain = HFEngine.load(resolve(args.model).path, dtype=args.dtype, device="cpu")
+    model = resolve(args.model)
+    plain = HFEngine.load(model.path, adapter=model.adapter, dtype=args.dtype, device="cpu")
     spec = HFEngine(plain.lm, plain.tok, display_name="spec", spec_tokens=args.spec_tokens)
-    qs = queries()[:args.queries]
+    if args.questions:
+        qs = [parse_query(rec, f"{args.questions}:{line}: ") for line, rec in read_jsonl(args.questions)][:args.queries]
+    else:
+        qs = queries()[:args.queries]
     sp0 = SamplingParams(n=K, temperature=0.7, top_p=0.95, max_tokens=args.tokens, seed=1)
     props = [[c.text for c in r.completions] for r in plain.generate([Request(proposer_messages(q), sp0) for q in qs])]
     sp1 = SamplingParams(n=1, temperature=0.0 if args.greedy else 0.7, top_p=1.0, max_tokens=args.tokens, seed=2)
