@@ -1,15 +1,15 @@
 """Throughput of the transformers engine against plain `model.generate`, side by side.
 
-    python benchmarks/bench_infer.py [--dtype bf16] [--tokens 128] [--repeats 3] [--generate-batch]
+    python benchmarks/bench_infer.py [--dtype bf16] [--tokens 128] [--repeats 3] [--queries 8] [--generate-batch]
                                      [--out runs/bench_infer.json]
 
 One process, the same weights, dtype and thread count for every side (the `generate` sides
 run on a plain copy of the model, as transformers loads it):
 
   baseline      `model.generate(do_sample=True, temperature=0.7, top_p=0.95, top_k=0,
-                num_return_sequences=4)` over 8 chat prompts (left padding, one batch);
-  ours-layer0   our engine (HFEngine) on exactly that workload: 8 requests with n=4;
-  ours-pa       the propose-and-aggregate workload K=4, L=1: layer 0 as above, then 8
+                num_return_sequences=4)` over the --queries chat prompts (8; left padding, one batch);
+  ours-layer0   our engine (HFEngine) on exactly that workload: one request per query with n=4;
+  ours-pa       the propose-and-aggregate workload K=4, L=1: layer 0 as above, then one
                 aggregator requests (n=1, temperature 0.7, top_p 1.0) whose messages are
                 `aft.prompts.aggregator_messages(query, the 4 proposals)`;
   baseline-pa   the same P&A workload done with `generate` (--no-baseline-pa skips it);
@@ -61,8 +61,9 @@ QUESTIONS = [
 K = 4  # proposals per query
 
 
-def queries() -> list[list[dict]]:
-    return [[{"role": "user", "content": q}] for q in QUESTIONS]
+def queries(n: int = len(QUESTIONS)) -> list[list[dict]]:
+    """n chat queries: the questions in turn (n > 8 repeats them; each request still samples on its own)."""
+    return [[{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}] for i in range(n)]
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 2.0) -> float:
@@ -190,7 +191,7 @@ def summarize(args, path, engine, params, peaks, runs) -> dict:
         ratios["ours-pa / baseline-pa"] = summary["ours-pa"]["median_tok_s"] / summary["baseline-pa"]["median_tok_s"]
     return {
         "model": path, "params": params, "dtype": str(engine.lm.dtype), "threads": torch.get_num_threads(),
-        "max_new_tokens": args.tokens, "repeats": args.repeats, "prompts": len(QUESTIONS), "samples_per_prompt": K,
+        "max_new_tokens": args.tokens, "repeats": args.repeats, "prompts": args.queries, "samples_per_prompt": K,
         "torch": torch.__version__, "transformers": __import__("transformers").__version__,
         "machine": platform.processor() or platform.machine(), "load_average_end": os.getloadavg(),
         "matmul_peak_flops": peaks, "compute_bound_tok_s": bound, "runs": runs, "summary": summary, "ratios": ratios,
@@ -202,6 +203,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=None, help="transformers folder (default: the embedded SmolLM2-135M-Instruct)")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "bfloat16", "float32"])
     ap.add_argument("--tokens", type=int, default=128, help="max new tokens per sample (both layers)")
+    ap.add_argument("--queries", type=int, default=len(QUESTIONS), help="queries (default 8: the questions once; "
+                                                                        "more repeat them)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-baseline-pa", action="store_true", help="skip the P&A workload done with generate")
     ap.add_argument("--generate-batch", action="store_true",
@@ -224,7 +227,7 @@ def main(argv=None) -> int:
     dtype = {"bf16": "bfloat16", "fp32": "float32"}.get(args.dtype, args.dtype)
     engine = HFEngine.load(path, dtype=dtype, device="cpu")
     params = engine.num_parameters()
-    qs = queries()
+    qs = queries(args.queries)
     prop_msgs = [proposer_messages(q) for q in qs]  # system "\n" + the user question
     base = Baseline(engine, path)
 
