@@ -97,6 +97,16 @@ def test_program_teacher_reviews_the_proposals_and_ends_with_the_answer():
     all_wrong = ProgramTeacher().aggregate(item, [f"{expr} = {ans + 1}"] * 2)
     assert all_wrong.startswith("None of the responses is right. Responses 1 and 2 get")
     assert ProgramTeacher().solve(item) == f"{expr} = {ans}\nAnswer: {ans}"
+    last = ProgramTeacher("last").aggregate(item, proposals)  # solve first, then review, then the answer
+    assert last.splitlines() == [f"{expr} = {ans}", text.splitlines()[0], f"Answer: {ans}"]
+    assert is_correct(last, item.answer, question=item.meta["question"])
+
+
+def test_build_passes_teacher_review_to_the_program_teacher(tmp_path):
+    run_build(_cfg(tmp_path, teacher_review="last"), Resources(proposer=ScriptedEngine(script=(1, 2))))
+    for a in _rows(tmp_path / "data" / "aft.jsonl"):
+        lines = a["completion"][0]["content"].splitlines()
+        assert lines[1].startswith("None of the responses is right.") and lines[-1].startswith("Answer: ")
 
 
 def test_build_with_program_teacher_keeps_rows_where_every_proposal_is_wrong(tmp_path):

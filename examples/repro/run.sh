@@ -37,6 +37,21 @@ else
   SEEDS=${SEEDS:-"1 2 3"}; SWEEP=${SWEEP:-1}; PERPLEXITY=${PERPLEXITY:-1}
 fi
 LR=${LR:-3e-4}
+TEACHER_REVIEW=${TEACHER_REVIEW:-last}  # the program teacher's review line: last (solve, review, answer) or first
+# bf16 autocast for training where this CPU's bf16 matmuls beat float32 (the engine's dtype probe, cached;
+# TRAIN_BF16=1 or 0 forces it)
+TRAIN_BF16=${TRAIN_BF16:-auto}
+if [ "$TRAIN_BF16" = auto ]; then
+  TRAIN_BF16=$(python - <<'PY'
+import torch
+from transformers import AutoConfig
+from aft.dtype_probe import cpu_dtype
+from aft.models import embedded_model_dir
+print(int(not torch.cuda.is_available() and cpu_dtype(AutoConfig.from_pretrained(embedded_model_dir())) == torch.bfloat16))
+PY
+)
+fi
+BF16=$([ "$TRAIN_BF16" = 1 ] && echo --bf16 || echo --no-bf16)
 SWEEP_ARM=${SWEEP_ARM:-best}  # the arm whose first seed gets the width x depth sweep (best: highest P&A K=4 L=1)
 BATCH=4                     # rows per optimizer step; STEPS x BATCH rows seen by every arm
 ARMS=${ARMS:-"sft aft mix pseudo"}
@@ -51,16 +66,17 @@ stamp() { local c; times > "$OUT/.times"; c=$(tail -1 "$OUT/.times" | tr ' ' '/'
   echo "$1 wall_s=$(( $(date +%s) - start )) cpu_user/sys=$c" >> "$OUT/timing.txt"; }
 
 log "1/6 training data: $N_TRAIN questions, 4 unfiltered proposals each, program teacher targets"
-$AFT data build --config examples/repro/data.yaml --out "$OUT/data" --n_prompts "$N_TRAIN" $SPLIT
+$AFT data build --config examples/repro/data.yaml --out "$OUT/data" --n_prompts "$N_TRAIN" $SPLIT \
+  --teacher_review "$TEACHER_REVIEW"
 stamp data
 
 log "2/6 ceiling, before training: the same build on the $N_EVAL held-out questions"
 $AFT data build --config examples/repro/data.yaml --out "$OUT/ceiling" --split eval --n_prompts "$N_EVAL" $SPLIT \
-  --no-pseudo_aggregation
+  --teacher_review "$TEACHER_REVIEW" --no-pseudo_aggregation
 python examples/repro/ceiling.py "$OUT/ceiling" | tee "$OUT/ceiling.json"
 stamp ceiling
 
-log "3/6 train arms ($ARMS) x seeds ($SEEDS): $STEPS steps of $BATCH rows, lr $LR"
+log "3/6 train arms ($ARMS) x seeds ($SEEDS): $STEPS steps of $BATCH rows, lr $LR, $BF16"
 for seed in $SEEDS; do
   for arm in $ARMS; do
     dir="$OUT/$arm-s$seed"
@@ -74,7 +90,7 @@ for seed in $SEEDS; do
     esac
     log "  train $arm-s$seed"
     $AFT train --data "$OUT/data" "${mode[@]}" --output_dir "$dir" --max_steps "$STEPS" \
-      --per_device_train_batch_size $BATCH --gradient_accumulation_steps 1 --learning_rate "$LR" --seed "$seed"
+      --per_device_train_batch_size $BATCH --gradient_accumulation_steps 1 --learning_rate "$LR" --seed "$seed" $BF16
     stamp "train-$arm-s$seed"
   done
 done
@@ -126,7 +142,8 @@ times > "$OUT/.times"; cpu=$(tail -1 "$OUT/.times")   # user and system CPU time
   echo "# A fair test of AFT at small scale: measured on this machine"
   echo
   echo "Command: \`SMOKE=$SMOKE bash examples/repro/run.sh\` (OUT=$OUT N_TRAIN=$N_TRAIN N_EVAL=$N_EVAL STEPS=$STEPS"
-  echo "SEEDS=\"$SEEDS\" ARMS=\"$ARMS\" LR=$LR SWEEP=$SWEEP SWEEP_ARM=$SWEEP_ARM)."
+  echo "SEEDS=\"$SEEDS\" ARMS=\"$ARMS\" LR=$LR SWEEP=$SWEEP SWEEP_ARM=$SWEEP_ARM TEACHER_REVIEW=$TEACHER_REVIEW"
+  echo "TRAIN_BF16=$TRAIN_BF16)."
   echo "Machine: $(nproc) CPU cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)),"
   echo "$(free -g | awk '/Mem:/{print $2}') GiB memory; python $(python -c 'import platform; print(platform.python_version())'),"
   echo "torch $(python -c 'import torch; print(torch.__version__)'), transformers $(python -c 'import transformers; print(transformers.__version__)')."

@@ -103,6 +103,8 @@ class DataConfig(EngineArgs, sampling_args("on_policy", PROPOSAL_KEYS), ResumeAr
                       choices=TARGETS)
     teacher: str | None = opt(None, "teacher model (any --model value; e.g. http://host:8000/v1#Llama-70B), or "
                               "'program': a correct worked solution that reviews the proposals (reasoning-gym)")
+    teacher_review: str = opt("first", "--teacher program: its review of the proposals before the worked solution "
+                              "(first) or after it, before the final answer (last)", choices=ProgramTeacher.REVIEW_AT)
     teacher_engine: str = opt("auto", "engine of the teacher", choices=("auto", "hf", "openai", "vllm"))
     teacher_temperature: float = opt(0.0, "teacher temperature (0 = greedy)", ge=0)
     teacher_top_p: float = opt(1.0, "teacher top-p", gt=0, le=1)
@@ -242,7 +244,7 @@ def _prepare(cfg: DataConfig, res: Resources, on_policy: bool, scorer_name: str)
     if res.proposer is not None:
         cache[(cfg.model, cfg.engine)] = res.proposer
     if cfg.target == "teacher" and res.teacher is None and cfg.teacher == PROGRAM:
-        res.teacher = ProgramTeacher()
+        res.teacher = ProgramTeacher(cfg.teacher_review)
     if cfg.target == "teacher" and res.teacher is None:
         same = cfg.teacher_engine == cfg.engine or cfg.teacher_engine == "auto"
         res.teacher = cache.get((cfg.teacher, cfg.engine)) if same else None

@@ -38,16 +38,25 @@ class ProgramTeacher:
     """A teacher that knows the answer: for reasoning-gym items (their reference answer and expression).
 
     `aggregate(item, proposals)` writes a short, correct worked solution in the embedded model's own
-    style ("4 + 5 = 9"), ending with "Answer: x", after one line that reviews the proposals: which reach
+    style ("4 + 5 = 9"), ending with "Answer: x", with one line that reviews the proposals: which reach
     the right answer, which answer something else (and that the right value is x), which give none.
+    `review_at` places that line: "first" (review, then solve: the line names the answer before the
+    worked step computes it) or "last" (solve, then review, then "Answer: x").
     `solve(item)` writes the same solution without the review: the pseudo-aggregation and SFT target.
     It stands in for a strong teacher model; a model behind an endpoint takes its place through the same
     --teacher option.
     """
 
     model = PROGRAM
+    REVIEW_AT = ("first", "last")
 
-    def solve(self, item: Item) -> str:
+    def __init__(self, review_at: str = "first"):
+        if review_at not in self.REVIEW_AT:
+            raise ValueError(f"review_at must be one of {self.REVIEW_AT}, not {review_at!r}")
+        self.review_at = review_at
+
+    def steps(self, item: Item) -> str:
+        """The worked solution without its final "Answer:" line."""
         meta = _rg_meta(item)
         answer = item.answer
         if isinstance(meta.get("answer_cot"), str) and meta["answer_cot"].strip():  # gsm_symbolic: its own steps
@@ -56,7 +65,10 @@ class ProgramTeacher:
             steps = f"{meta['expression']} = {answer}"
         else:
             steps = f"The answer is {answer}."
-        return f"{steps}\nAnswer: {answer}"
+        return steps
+
+    def solve(self, item: Item) -> str:
+        return f"{self.steps(item)}\nAnswer: {item.answer}"
 
     def review(self, item: Item, proposals: list[str]) -> str:
         question = item.meta.get("question")
@@ -83,10 +95,12 @@ class ProgramTeacher:
         return " ".join(parts)
 
     def aggregate(self, item: Item, proposals: list[str]) -> str:
+        if self.review_at == "last":
+            return f"{self.steps(item)}\n{self.review(item, proposals)}\nAnswer: {item.answer}"
         return self.review(item, proposals) + "\n" + self.solve(item)
 
     def describe(self) -> dict:
-        return {"engine": "program", "model": PROGRAM}
+        return {"engine": "program", "model": PROGRAM, "review_at": self.review_at}
 
     def close(self) -> None:
         pass
