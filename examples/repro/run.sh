@@ -33,7 +33,7 @@ if [ "$SMOKE" = 1 ]; then
   OUT=${OUT:-runs/fair-smoke}; N_TRAIN=${N_TRAIN:-16}; N_EVAL=${N_EVAL:-12}; STEPS=${STEPS:-2}
   SEEDS=${SEEDS:-"1 2"}; SWEEP=${SWEEP:-0}; PERPLEXITY=${PERPLEXITY:-1}
 else
-  OUT=${OUT:-runs/fair}; N_TRAIN=${N_TRAIN:-400}; N_EVAL=${N_EVAL:-200}; STEPS=${STEPS:-50}
+  OUT=${OUT:-runs/fair}; N_TRAIN=${N_TRAIN:-400}; N_EVAL=${N_EVAL:-200}; STEPS=${STEPS:-25}
   SEEDS=${SEEDS:-"1 2 3"}; SWEEP=${SWEEP:-1}; PERPLEXITY=${PERPLEXITY:-1}
 fi
 LR=${LR:-3e-4}
