@@ -16,8 +16,17 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never use the hub: a hub id fails at once, offline
 
+# pytest-xdist: the workers share the cores, a share each, also for the aft processes a test starts (two workers
+# each running torch's threads on all cores spin-wait on each other: several times slower)
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 0)
+if WORKERS:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // WORKERS))
+
 import pytest
 import torch
+
+if WORKERS:
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 from aft.engines.base import Completion, Engine, Result, derive_seed, emit_whole, sample_seeds
 
