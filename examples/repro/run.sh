@@ -31,26 +31,10 @@ cd "$(dirname "$0")/../.."
 SMOKE=${SMOKE:-0}
 if [ "$SMOKE" = 1 ]; then
   OUT=${OUT:-runs/fair-smoke}; N_TRAIN=${N_TRAIN:-16}; N_EVAL=${N_EVAL:-12}; STEPS=${STEPS:-2}
-  SEEDS=${SEEDS:-"1 2"}; SWEEP=${SWEEP:-0}; Perplexity of the held-out targets (solve, review, answer), 100 rows, given the
-aggregator prompt / given the query alone: base 3.99 / 4.77, sft-s1 3.63 /
-4.68, aft-s1 **1.43** / 1.90 (run 1: 1.47 / 2.18). Under teacher forcing the
-AFT model has learned its target about as well as in run 1; written by
-itself, it still runs past it.=${Perplexity of the held-out targets (solve, review, answer), 100 rows, given the
-aggregator prompt / given the query alone: base 3.99 / 4.77, sft-s1 3.63 /
-4.68, aft-s1 **1.43** / 1.90 (run 1: 1.47 / 2.18). Under teacher forcing the
-AFT model has learned its target about as well as in run 1; written by
-itself, it still runs past it.:-1}
+  SEEDS=${SEEDS:-"1 2"}; SWEEP=${SWEEP:-0}; PERPLEXITY=${PERPLEXITY:-1}
 else
   OUT=${OUT:-runs/fair}; N_TRAIN=${N_TRAIN:-400}; N_EVAL=${N_EVAL:-200}; STEPS=${STEPS:-25}
-  SEEDS=${SEEDS:-"1 2 3"}; SWEEP=${SWEEP:-1}; Perplexity of the held-out targets (solve, review, answer), 100 rows, given the
-aggregator prompt / given the query alone: base 3.99 / 4.77, sft-s1 3.63 /
-4.68, aft-s1 **1.43** / 1.90 (run 1: 1.47 / 2.18). Under teacher forcing the
-AFT model has learned its target about as well as in run 1; written by
-itself, it still runs past it.=${Perplexity of the held-out targets (solve, review, answer), 100 rows, given the
-aggregator prompt / given the query alone: base 3.99 / 4.77, sft-s1 3.63 /
-4.68, aft-s1 **1.43** / 1.90 (run 1: 1.47 / 2.18). Under teacher forcing the
-AFT model has learned its target about as well as in run 1; written by
-itself, it still runs past it.:-1}
+  SEEDS=${SEEDS:-"1 2 3"}; SWEEP=${SWEEP:-1}; PERPLEXITY=${PERPLEXITY:-1}
 fi
 LR=${LR:-3e-4}
 TEACHER_REVIEW=${TEACHER_REVIEW:-last}  # the program teacher's review line: last (solve, review, answer) or first
@@ -142,11 +126,7 @@ PY
   stamp sweep
 fi
 
-if [ "$Perplexity of the held-out targets (solve, review, answer), 100 rows, given the
-aggregator prompt / given the query alone: base 3.99 / 4.77, sft-s1 3.63 /
-4.68, aft-s1 **1.43** / 1.90 (run 1: 1.47 / 2.18). Under teacher forcing the
-AFT model has learned its target about as well as in run 1; written by
-itself, it still runs past it." = 1 ]; then
+if [ "$PERPLEXITY" = 1 ]; then
   first=${SEEDS%% *}
   log "5/6 perplexity of the held-out targets (they cannot be copied from the proposals)"
   $AFT analyze perplexity --data "$OUT/ceiling" --model smollm2-135m "$OUT/sft-s$first" "$OUT/aft-s$first" \
