@@ -2,6 +2,8 @@
 
     python benchmarks/bench_train.py --data runs/show/data/train --steps 6
     python benchmarks/bench_train.py --data tests/fixtures/train/data --steps 4 --bf16   # bf16 autocast
+    python benchmarks/bench_train.py --data runs/fair/data --steps 4 --bf16 --only lora+bf16 --all_positions \
+        --lora_dropout 0.05 0      # what gathering the labelled positions and LoRA dropout cost on CPU
 
 Each configuration runs in a fresh subprocess (peak RSS is per process) through `aft train`; the first
 step (warm-up) is excluded from tokens/s. Prints one line per configuration and writes
@@ -23,6 +25,8 @@ from aft.train import load_config, run_train
 from transformers import TrainerCallback
 cfg = load_config(None, json.loads(sys.argv[1]))
 import aft.train as T
+if sys.argv[2] == "all":  # TRL's own CPU behaviour: the LM head projects every position, not only labelled ones
+    T.score_loss_positions_only = lambda: None
 stamps = []
 class Clock(TrainerCallback):
     def on_step_end(self, args, state, control, **kw):
@@ -51,24 +55,37 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--bf16", action="store_true", help="also measure bf16 autocast")
+    ap.add_argument("--only", nargs="+", help="these configurations only (lora, full, lora+bf16, full+bf16)")
+    ap.add_argument("--all_positions", action="store_true",
+                    help="also run each configuration with the LM head over every position (TRL's CPU default)")
+    ap.add_argument("--lora_dropout", type=float, nargs="+", default=[0.05], help="one run per value (LoRA)")
     ap.add_argument("--out", default="runs/bench/train.json")
     a = ap.parse_args()
     runs = [("lora", True, False), ("full", False, False)]
     if a.bf16:
         runs += [("lora+bf16", True, True), ("full+bf16", False, True)]
-    results = {}
+    runs = [r for r in runs if not a.only or r[0] in a.only]
+    sides = []
     for name, peft, bf16 in runs:
+        for dropout in a.lora_dropout if peft else [0.05]:
+            for positions in ("labelled", "all") if a.all_positions else ("labelled",):
+                label = name + (f" dropout {dropout:g}" if len(a.lora_dropout) > 1 and peft else "")
+                sides.append((label + (f", {positions} positions" if a.all_positions else ""), peft, bf16,
+                              dropout, positions))
+    results = {}
+    for name, peft, bf16, dropout, positions in sides:
         with tempfile.TemporaryDirectory() as tmp:
             cfg = dict(model=a.model, data=a.data, output_dir=tmp, use_peft=peft, bf16=bf16, max_steps=a.steps,
                        per_device_train_batch_size=a.batch, logging_steps=1, save_steps=10_000, resume=False,
-                       learning_rate=2e-4 if peft else 2e-5)
-            p = subprocess.run([sys.executable, "-c", CHILD, json.dumps(cfg)], capture_output=True, text=True)
+                       learning_rate=2e-4 if peft else 2e-5, lora_dropout=dropout)
+            p = subprocess.run([sys.executable, "-c", CHILD, json.dumps(cfg), positions], capture_output=True,
+                               text=True)
             if p.returncode:
                 print(p.stderr[-2000:], file=sys.stderr)
                 raise SystemExit(f"{name} failed")
             r = json.loads(p.stdout.strip().splitlines()[-1])
         results[name] = r
-        print(f"{name:10s} {r['tokens_per_s']:8.0f} tok/s  {r['s_per_step']:6.2f} s/step  peak RSS "
+        print(f"{name:36s} {r['tokens_per_s']:8.0f} tok/s  {r['s_per_step']:6.2f} s/step  peak RSS "
               f"{r['peak_rss_mb']:6.0f} MiB  trainable {r['trainable_params'] / 1e6:6.2f} M  "
               f"loss {r['first_loss']:.3f} -> {r['last_loss']:.3f}", flush=True)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

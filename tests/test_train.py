@@ -85,6 +85,36 @@ def test_loss_is_on_target_and_end_of_turn_only(tok, template, tmp_path):
         assert torch.equal(labels[carry], ids[carry])
 
 
+def test_cpu_loss_scores_only_labelled_positions_with_the_same_loss_and_gradients(tok, tmp_path, monkeypatch):
+    """On CPU the fused LM head projects only the labelled positions (aft.train.score_loss_positions_only);
+    the loss and every gradient equal those of projecting every position (TRL's own CPU path)."""
+    import trl.trainer.utils as trl_utils
+
+    original = getattr(trl_utils._use_triton, "__wrapped__", trl_utils._use_triton)  # TRL's own
+    monkeypatch.setattr(trl_utils, "_use_triton", original)  # restored after the test
+    t = copy.deepcopy(tok)
+    eot = setup_chat_template(t)
+    cfg = cfg_for("unused", tmp_path, use_peft=False)
+    trainer = build_trainer(cfg, tiny_llama(len(t)), t, encode_rows(t, read_rows(FIX / "aft.jsonl"), eot, 4096))
+    assert trl_utils._use_triton(torch.device("cpu")) and not original(torch.device("cpu"))
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert (batch["labels"] != -100).float().mean() < 0.5  # mostly prompt: the case the gathering is for
+
+    def loss_and_grads():
+        trainer.model.zero_grad()
+        loss = trainer.compute_loss(trainer.model, dict(batch))
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+
+    gathered, g_gathered = loss_and_grads()
+    monkeypatch.setattr(trl_utils, "_use_triton", original)
+    every, g_every = loss_and_grads()
+    assert gathered == pytest.approx(every, rel=1e-5) and gathered > 0
+    assert g_gathered.keys() == g_every.keys() and len(g_every) > 10
+    for name, g in g_every.items():
+        torch.testing.assert_close(g_gathered[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_base_model_without_template_gets_chatml_with_its_eos(tok):
     t = copy.deepcopy(tok)
     t.chat_template = None

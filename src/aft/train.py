@@ -486,9 +486,35 @@ def build_trainer(cfg: TrainConfig, lm, tok, train_rows: list[dict], eval_rows: 
     trainer_class = SFTTrainer
     if cfg.mode in WEIGHTED:
         from .bon import weighted_trainer as trainer_class
+    if _device() == "cpu":
+        score_loss_positions_only()
     return trainer_class(model=lm, args=sft_args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tok,
                          peft_config=peft_config,
                          callbacks=[_marker_callback(base)] if base and cfg.use_peft else None)
+
+
+def score_loss_positions_only() -> None:
+    """Make TRL's fused LM head project only the positions that carry a label, on CPU as on GPU.
+
+    SFTTrainer's fused LM head (trl.trainer.utils.add_fused_lm_head) gathers the labelled positions before the
+    vocabulary projection only where Triton runs; elsewhere it projects every position, to keep tile shapes
+    fixed for compilers such as Neuron's. Eager CPU has no such constraint, and an AFT row is mostly prompt
+    (4 proposals) with the loss on its aggregation alone (about a fifth of the positions), so the projection
+    and its backward over the prompt were a third of a CPU training step (`benchmarks/bench_train.py
+    --all_positions` measures it). The loss and gradients are the same either way (tests/test_train.py checks it). This sets the
+    one module-level switch TRL reads for that choice; it changes nothing where TRL lacks it."""
+    import trl.trainer.utils as trl_utils
+
+    triton = getattr(trl_utils, "_use_triton", None)
+    if triton is None or not hasattr(trl_utils, "add_fused_lm_head"):
+        log.info("this TRL has no fused-LM-head position switch: every position is projected")
+    elif not hasattr(triton, "__wrapped__"):
+
+        def gather_on_cpu(device):  # read there only to decide whether to gather the labelled positions
+            return device.type == "cpu" or triton(device)
+
+        gather_on_cpu.__wrapped__ = triton
+        trl_utils._use_triton = gather_on_cpu
 
 
 def _marker_callback(base: str):
