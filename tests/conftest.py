@@ -17,16 +17,14 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never use the hub: a hub id fails at once, offline
 
 # pytest-xdist: the workers share the cores, a share each, also for the aft processes a test starts (two workers
-# each running torch's threads on all cores spin-wait on each other: several times slower)
+# each running torch's threads on all cores spin-wait on each other: several times slower). torch reads it when a
+# test module first imports torch; this file does not import torch at the top, so xdist's controller process,
+# which runs no test, does not pay for importing it.
 WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 0)
 if WORKERS:
     os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // WORKERS))
 
 import pytest
-import torch
-
-if WORKERS:
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 from aft.engines.base import Completion, Engine, Result, derive_seed, emit_whole, sample_seeds
 
@@ -79,6 +77,7 @@ def small_tokenizer():
 
 
 def tiny_llama(tokenizer, seed: int = 0, max_positions: int = 2048):
+    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)

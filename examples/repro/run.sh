@@ -20,8 +20,8 @@
 # Before any training, step 2 computes what the design can show on the held-out questions
 # (teacher target correct, oracle best-of-4 of the base model's proposals).
 #
-# Time, measured (docs/results.md, run 2): 2 h 20 min on two quiet cores with the defaults
-# (training 56 min in bf16 autocast, evaluation 63 min, of which the AFT models' 26 min: their
+# Time, measured (docs/results.md, run 3): 1 h 48 min on two quiet cores with the defaults
+# (training 28 min in bf16 autocast, evaluation 61 min, of which the AFT models' 24 min: their
 # aggregations run to max_tokens). Never run two of these steps at once with the default threads:
 # two processes each using both cores wait on each other, several times slower.
 # Every step is resumable: rerun after an interruption and finished work is kept.
