@@ -501,8 +501,8 @@ def score_loss_positions_only() -> None:
     fixed for compilers such as Neuron's. Eager CPU has no such constraint, and an AFT row is mostly prompt
     (4 proposals) with the loss on its aggregation alone (about a fifth of the positions), so the projection
     and its backward over the prompt were a third of a CPU training step (`benchmarks/bench_train.py
-    --all_positions` measures it). The loss and gradients are the same either way (tests/test_train.py checks it). This sets the
-    one module-level switch TRL reads for that choice; it changes nothing where TRL lacks it."""
+    --all_positions` measures it). The loss and gradients are the same either way (tests/test_train.py checks
+    it). This sets the one module-level switch TRL reads for that choice; it changes nothing where TRL lacks it."""
     import trl.trainer.utils as trl_utils
 
     triton = getattr(trl_utils, "_use_triton", None)
