@@ -486,8 +486,7 @@ def build_trainer(cfg: TrainConfig, lm, tok, train_rows: list[dict], eval_rows: 
     trainer_class = SFTTrainer
     if cfg.mode in WEIGHTED:
         from .bon import weighted_trainer as trainer_class
-    if _device() == "cpu":
-        score_loss_positions_only()
+    score_loss_positions_only()  # changes the choice for CPU tensors only
     return trainer_class(model=lm, args=sft_args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tok,
                          peft_config=peft_config,
                          callbacks=[_marker_callback(base)] if base and cfg.use_peft else None)
