@@ -38,11 +38,20 @@ USER = [{"role": "user", "content": "What is 2 + 3?"}]
 def serving(engine, pa: PAConfig | None = None, api_key=None, **limits):
     limits.setdefault("max_tokens", 64)
     with Server(make_service(engine, pa, name="m", limits=Limits(**limits), api_key=api_key)) as srv:
-        yield srv
+        try:
+            yield srv
+        finally:  # their kept-alive connections would make the server wait 0.1 s for them as it closes
+            while CLIENTS:
+                CLIENTS.pop().close()
+
+
+CLIENTS: list[openai.OpenAI] = []
 
 
 def client(srv, **kw) -> openai.OpenAI:
-    return openai.OpenAI(base_url=srv.base_url, api_key=kw.pop("api_key", "none"), max_retries=0, timeout=30, **kw)
+    c = openai.OpenAI(base_url=srv.base_url, api_key=kw.pop("api_key", "none"), max_retries=0, timeout=30, **kw)
+    CLIENTS.append(c)
+    return c
 
 
 def post(srv, body, path="/v1/chat/completions", headers=None):
@@ -190,7 +199,7 @@ def test_metrics_move():
 
 
 def test_keep_alive_while_nothing_is_written():
-    with serving(StreamingFake(first_delay=0.6), keepalive=0.1) as srv:
+    with serving(StreamingFake(first_delay=0.3), keepalive=0.05) as srv:
         status, _, lines = post(srv, {"model": "m", "messages": USER, "stream": True})
     first_text = next(i for i, line in enumerate(lines) if '"content": "' in line and '"content": ""' not in line)
     assert status == 200 and lines[0].startswith("data: ")  # the role chunk at once
@@ -211,7 +220,7 @@ def test_an_error_mid_stream_ends_it_with_an_error_event():
 
 
 def test_full_server_answers_429_and_a_slow_request_times_out():
-    with serving(StreamingFake(first_delay=1.0), max_queue=1, request_timeout=0.5) as srv:
+    with serving(StreamingFake(first_delay=0.6), max_queue=1, request_timeout=0.3) as srv:
         with ThreadPoolExecutor(1) as pool:
             slow = pool.submit(post, srv, {"model": "m", "messages": USER})
             deadline = time.time() + 5
@@ -226,7 +235,7 @@ def test_full_server_answers_429_and_a_slow_request_times_out():
 def test_a_client_that_leaves_does_not_harm_the_server():
     """One engine call at a time: a client leaves mid-stream, another leaves while it waits for the engine;
     the first call finishes, the waiting request is never run, and the server answers the next client."""
-    engine = StreamingFake(continuous=False, first_delay=0.4, delay=0.01)
+    engine = StreamingFake(continuous=False, first_delay=0.2, delay=0.01)
     with serving(engine) as srv:
         def leave_after(lines):
             conn = http.client.HTTPConnection(srv.host, srv.port, timeout=10)
@@ -254,7 +263,7 @@ def test_a_client_that_leaves_does_not_harm_the_server():
 
 
 def test_shutdown_ends_a_stream_in_flight_with_an_error():
-    srv = Server(make_service(StreamingFake(first_delay=5.0), limits=Limits(shutdown_grace=0.3)))
+    srv = Server(make_service(StreamingFake(first_delay=5.0), limits=Limits(shutdown_grace=0.15)))
     with ThreadPoolExecutor(1) as pool:
         fut = pool.submit(post, srv, {"messages": USER, "stream": True})
         while srv.service.in_server == 0:
@@ -392,10 +401,10 @@ def test_pa_stream_sends_the_final_layer_as_it_is_written():
 
 
 def test_keep_alive_while_the_proposals_are_written():
-    with serving(StreamingFake(first_delay=0.3), PA, keepalive=0.1) as srv:
+    with serving(StreamingFake(first_delay=0.15), PA, keepalive=0.05) as srv:
         status, _, lines = post(srv, {"model": "m", "messages": USER, "stream": True})
     first_text = next(i for i, line in enumerate(lines) if '"content": "' in line and '"content": ""' not in line)
-    assert status == 200 and sum(line == ": keep-alive" for line in lines[:first_text]) >= 4  # 2 layers of 0.3 s
+    assert status == 200 and sum(line == ": keep-alive" for line in lines[:first_text]) >= 4  # 2 layers of 0.15 s
     assert lines[-1] == "data: [DONE]"
 
 

@@ -328,8 +328,8 @@ def _place_labels(fig, ax, notes) -> None:
     """Move each point's label to the first offset where it overlaps no label placed before it and no
     marker, so labels of close points stack instead of printing over each other; a label with no free
     place is hidden (its point's colour and marker still say what it is)."""
-    fig.canvas.draw()
-    renderer = fig.canvas.get_renderer()
+    renderer = fig.canvas.get_renderer()  # text extents need no full draw (a draw costs as much as savefig)
+    ax.get_xlim(), ax.get_ylim()  # settles autoscaled limits, which transData maps through
     markers = [ax.transData.transform(n.xy) for n in notes]
     placed = []
     for note in notes:
