@@ -246,12 +246,12 @@ def test_server_that_never_answers_times_out_and_says_what_it_waits_for(tmp_path
     manifest(load_config(None, {"input_file": str(inp), "output_file": str(out), "model": silent_url + "#m",
                                 "n": 1, "num_aggregation": 1}), out).write()
     rc = main(["infer", "-i", str(inp), "-o", str(out), "-m", silent_url + "#m", "-k", "1", "-l", "1",
-               "--timeout", "0.6", "--max_retries", "0"])
+               "--timeout", "0.3", "--max_retries", "0"])
     assert rc == 2
     msg = one_line_error(capsys, "infer")
-    assert f"{silent_url} (model 'm'): no answer within 0.6 s (1 attempt)" in msg
+    assert f"{silent_url} (model 'm'): no answer within 0.3 s (1 attempt)" in msg
     assert re.search(rf"waiting for {re.escape(silent_url)} \(model m\): \d+ requests? unanswered, the oldest for "
-                     rf"[\d.]+ s \(timeout 0.6 s per attempt, 1 attempt\)", caplog.text)
+                     rf"[\d.]+ s \(timeout 0.3 s per attempt, 1 attempt\)", caplog.text)
     assert out.read_text() == json.dumps({"id": "q0", "response": "kept"}) + "\n"
     assert main(["infer", "-i", str(inp), "-m", silent_url, "--timeout", "0"]) == 2
     assert "--timeout must be > 0, got 0.0" in one_line_error(capsys, "infer")

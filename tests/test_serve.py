@@ -235,7 +235,7 @@ def test_full_server_answers_429_and_a_slow_request_times_out():
 def test_a_client_that_leaves_does_not_harm_the_server():
     """One engine call at a time: a client leaves mid-stream, another leaves while it waits for the engine;
     the first call finishes, the waiting request is never run, and the server answers the next client."""
-    engine = StreamingFake(continuous=False, first_delay=0.2, delay=0.01)
+    engine = StreamingFake(continuous=False, first_delay=0.4, delay=0.01)
     with serving(engine) as srv:
         def leave_after(lines):
             conn = http.client.HTTPConnection(srv.host, srv.port, timeout=10)
@@ -249,7 +249,8 @@ def test_a_client_that_leaves_does_not_harm_the_server():
 
         first = threading.Thread(target=leave_after, args=(1,))
         first.start()
-        while srv.metrics.running == 0:
+        deadline = time.time() + 5
+        while not engine.requests and time.time() < deadline:  # the first call has begun (and sleeps 0.4 s)
             time.sleep(0.01)
         leave_after(1)  # its request waits behind the first one's engine call, and is dropped there
         first.join()

@@ -85,14 +85,16 @@ def test_loss_is_on_target_and_end_of_turn_only(tok, template, tmp_path):
         assert torch.equal(labels[carry], ids[carry])
 
 
-def test_cpu_loss_scores_only_labelled_positions_with_the_same_loss_and_gradients(tok, tmp_path, monkeypatch):
+def test_cpu_loss_scores_only_labelled_positions_with_the_same_loss_and_gradients(small_tokenizer, tmp_path,
+                                                                                  monkeypatch):
     """On CPU the fused LM head projects only the labelled positions (aft.train.score_loss_positions_only);
-    the loss and every gradient equal those of projecting every position (TRL's own CPU path)."""
+    the loss and every gradient equal those of projecting every position (TRL's own CPU path). The small
+    tokenizer's 1024-token vocabulary: the choice of positions does not depend on its size."""
     import trl.trainer.utils as trl_utils
 
     original = getattr(trl_utils._use_triton, "__wrapped__", trl_utils._use_triton)  # TRL's own
     monkeypatch.setattr(trl_utils, "_use_triton", original)  # restored after the test
-    t = copy.deepcopy(tok)
+    t = copy.deepcopy(small_tokenizer)
     eot = setup_chat_template(t)
     cfg = cfg_for("unused", tmp_path, use_peft=False)
     trainer = build_trainer(cfg, tiny_llama(len(t)), t, encode_rows(t, read_rows(FIX / "aft.jsonl"), eot, 4096))
