@@ -1,6 +1,6 @@
 """Speculative aggregation: the aggregation layer with and without prompt-lookup speculation, side by side.
 
-    python benchmarks/bench_spec.py [--model smollm2-135m] [--dtype bfloat16] [--tokens 128] [--spec_tokens 8]
+    python benchmarks/bench_spec.py [--model smollm2-135m] [--dtype bfloat16] [--tokens 128] [--spec_tokens 8 ...]
                                     [--queries 8] [--repeats 2] [--greedy] [--questions FILE]
 
 --model takes what `aft infer` takes locally (an adapter folder of `aft train` too); --questions an input
@@ -9,8 +9,8 @@ task an AFT adapter was trained on.
 
 The proposals (K=4 per query, bench_infer.py's questions, T 0.7, top-p 0.95) are generated once; then
 the aggregation layer (one request per query, n=1, T 0.7 top-p 1.0 as P&A's final layer, or greedy
-with --greedy) runs on the same engine model with spec_tokens 0 and K, interleaved, in a rotated
-order each repeat. Prints per side: tok/s (median), tokens per forward pass, acceptance.
+with --greedy) runs on the same engine model with spec_tokens 0 and each value of --spec_tokens,
+interleaved, in a rotated order each repeat. Prints per side: tok/s (median), tokens per forward pass, acceptance.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--tokens", type=int, default=128)
-    ap.add_argument("--spec_tokens", type=int, default=8)
+    ap.add_argument("--spec_tokens", type=int, nargs="+", default=[8], help="most drafts per row and step; "
+                    "several values: one side each")
     ap.add_argument("--queries", type=int, default=len(QUESTIONS))
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--greedy", action="store_true")
@@ -42,7 +43,6 @@ def main() -> None:
     args = ap.parse_args()
     model = resolve(args.model)
     plain = HFEngine.load(model.path, adapter=model.adapter, dtype=args.dtype, device="cpu")
-    spec = HFEngine(plain.lm, plain.tok, display_name="spec", spec_tokens=args.spec_tokens)
     if args.questions:
         qs = [parse_query(rec, f"{args.questions}:{line}: ") for line, rec in read_jsonl(args.questions)][:args.queries]
     else:
@@ -52,10 +52,12 @@ def main() -> None:
     sp1 = SamplingParams(n=1, temperature=0.0 if args.greedy else 0.7, top_p=1.0, max_tokens=args.tokens, seed=2)
     reqs = [Request(aggregator_messages(q, p), sp1) for q, p in zip(qs, props)]
     print(f"{args.model} {plain.lm.dtype}, {len(qs)} queries, {args.tokens} tokens, load {os.getloadavg()[0]:.1f}")
-    sides = {"plain": plain, f"spec{args.spec_tokens}": spec}
+    sides = {"plain": plain}
+    sides.update({f"spec{k}": HFEngine(plain.lm, plain.tok, display_name=f"spec{k}", spec_tokens=k)
+                  for k in args.spec_tokens})
     runs: dict[str, list] = {name: [] for name in sides}
     for rep in range(args.repeats):
-        for name in list(sides)[rep % 2:] + list(sides)[:rep % 2]:
+        for name in list(sides)[rep % len(sides):] + list(sides)[:rep % len(sides)]:
             t = time.perf_counter()
             res = sides[name].generate(reqs)
             dt = time.perf_counter() - t
