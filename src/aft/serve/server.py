@@ -91,21 +91,22 @@ class _Uvicorn(uvicorn.Server):
     def handle_exit(self, sig, frame) -> None:
         self.service.begin_shutdown()
         super().handle_exit(sig, frame)
-        if self.exit_event is not None:
-            self.loop.call_soon_threadsafe(self.exit_event.set)
+        if self._exit_event is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has ended already (a second close)
+                self._exit_loop.call_soon_threadsafe(self._exit_event.set)
 
     # uvicorn checks for an exit every 0.1 s and then waits a fixed 0.1 s for open connections to see the
     # shutdown, so a Server in a thread took 0.2 s to close with nothing in flight (the test suite starts ~50).
     # The two methods below skip those waits where nothing needs them; with requests in flight, uvicorn's own.
-    exit_event: asyncio.Event | None = None
+    _exit_event: asyncio.Event | None = None
 
     async def main_loop(self) -> None:
         """uvicorn's loop (a tick every 0.1 s), woken at once by handle_exit."""
-        self.loop, self.exit_event = asyncio.get_running_loop(), asyncio.Event()
+        self._exit_loop, self._exit_event = asyncio.get_running_loop(), asyncio.Event()
         counter = 0
         while not await self.on_tick(counter):
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.exit_event.wait(), 0.1)
+                await asyncio.wait_for(self._exit_event.wait(), 0.1)
             counter = (counter + 1) % 864000
 
     async def shutdown(self, sockets=None) -> None:
