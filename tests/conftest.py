@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 # Compiled modules are cached (in the gitignored __pycache__/ folders) even where PYTHONDONTWRITEBYTECODE is set,
-# as it is on our development image: pytest rewrites the asserts of every test module it imports, and compiling those and
-# aft's modules again took 3.4 s of each run's 8.2 s start-up on 2 cores (`pytest -m "not slow" -k none`).
+# as it is on our development image: pytest rewrites the asserts of every test module it imports, and compiling
+# those and aft's modules again took 3.4 s of each run's 8.2 s start-up on 2 cores (`pytest -m "not slow" -k none`).
 sys.dont_write_bytecode = False
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never use the hub: a hub id fails at once, offline
